@@ -1,0 +1,202 @@
+"""Reference data for calibration: a folder of class subfolders of images, or an .npz with images and labels.
+
+Sources are re-iterable (calibration reads them twice) and stream in batches, so memory does not grow
+with the number of images in a folder. Every problem a user can cause (empty folder, unknown class,
+unreadable image) is found by `validate()` before any pass starts, and named with its path.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+class DataError(ValueError):
+    """Reference data that cannot be used; the message names the file or folder and the fix."""
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL image -> float tensor [C, H, W] in [0, 1], optionally resized and normalised.
+
+    For models packaged with their own TorchServe handler, calibrate through that handler instead
+    (`layerguard wrap`), which sees exactly what serving sees.
+    """
+
+    channels: int = 3
+    size: tuple[int, int] | None = None  # (height, width)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("L" if self.channels == 1 else "RGB")
+        if self.size is not None and image.size != (self.size[1], self.size[0]):
+            image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+        if self.mean is not None and self.std is not None:
+            m = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+            s = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+            tensor = (tensor - m) / s
+        return tensor
+
+    def array_to_tensor(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 [N,H,W] / [N,H,W,C] or float [N,C,H,W] arrays through the same steps as a PIL image."""
+        if images.dtype != np.uint8 and images.ndim == 4 and images.shape[1] in (1, 3):
+            return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        return torch.stack([self(Image.fromarray(np.asarray(img, dtype=np.uint8))) for img in images])
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode bytes fully (lazy decoders would fail later, mid-batch) or raise DataError."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"not a readable image ({exc})") from exc
+
+
+class ReferenceSource:
+    """A re-iterable, batched source of (images, labels)."""
+
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise DataError now for anything that would fail mid-calibration."""
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def labels(self) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ImageFolderSource(ReferenceSource):
+    """root/<class>/<image>: class folders are matched to `class_names` (or sorted: numerically when
+    every folder name is an integer, as in 0..9)."""
+
+    def __init__(self, root: str | Path, transform: Transform, class_names: Sequence[str] | None = None) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        if not self.root.is_dir():
+            raise DataError(f"reference folder {self.root} does not exist")
+        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise DataError(f"reference folder {self.root} has no class subfolders (expected ROOT/<class>/<image>)")
+        if class_names is None:
+            numeric = all(f.isdigit() for f in folders)
+            class_names = sorted(folders, key=int) if numeric else folders
+            if numeric:
+                class_names = [str(i) for i in range(max(int(f) for f in folders) + 1)]
+        self.class_names = tuple(class_names)
+        index = {name: i for i, name in enumerate(self.class_names)}
+        unknown = [f for f in folders if f not in index]
+        if unknown:
+            raise DataError(
+                f"class folder(s) {', '.join(unknown)} in {self.root} are not among the model's classes "
+                f"({', '.join(self.class_names)}); rename or remove them"
+            )
+        self.items: list[tuple[Path, int]] = []
+        for name in folders:
+            for path in sorted((self.root / name).iterdir()):
+                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                    self.items.append((path, index[name]))
+        if not self.items:
+            raise DataError(f"reference folder {self.root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def labels(self) -> np.ndarray:
+        return np.array([label for _, label in self.items], dtype=np.int64)
+
+    def _load(self, path: Path) -> torch.Tensor:
+        try:
+            return self.transform(decode_image(path.read_bytes()))
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}; remove or replace the file") from exc
+
+    def validate(self) -> None:
+        shapes = set()
+        for path, _ in self.items:
+            shapes.add(tuple(self._load(path).shape))
+        if len(shapes) > 1:
+            raise DataError(
+                f"images in {self.root} have different sizes after preprocessing ({sorted(shapes)}); "
+                "set --input-size"
+            )
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.items), batch_size):
+            chunk = self.items[start:start + batch_size]
+            yield torch.stack([self._load(p) for p, _ in chunk]), torch.tensor([c for _, c in chunk])
+
+
+class ArraySource(ReferenceSource):
+    """In-memory images (uint8 NHW/NHWC, or float NCHW already preprocessed) with integer labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: ImageTransform,
+                 class_names: Sequence[str] | None = None, origin: str = "array") -> None:
+        if len(images) != len(labels):
+            raise DataError(f"{origin}: {len(images)} images but {len(labels)} labels")
+        if len(images) == 0:
+            raise DataError(f"{origin}: no images")
+        labels = np.asarray(labels)
+        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+            raise DataError(f"{origin}: labels must be non-negative integers")
+        self.images, self._labels, self.transform = images, labels.astype(np.int64), transform
+        n = int(labels.max()) + 1
+        self.class_names = tuple(class_names) if class_names else tuple(str(i) for i in range(n))
+        if labels.max() >= len(self.class_names):
+            raise DataError(f"{origin}: label {labels.max()} is outside the {len(self.class_names)} classes")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.images), batch_size):
+            x = self.transform.array_to_tensor(self.images[start:start + batch_size])
+            yield x, torch.from_numpy(self._labels[start:start + batch_size])
+
+
+def load_npz(path: str | Path, x_key: str = "x", y_key: str = "y") -> tuple[np.ndarray, np.ndarray]:
+    """Arrays from an .npz, never unpickling."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in (x_key, y_key) if k not in npz.files]
+            if missing:
+                raise DataError(f"{path} has no array(s) {', '.join(missing)} (it has {', '.join(npz.files)}); "
+                                "name them with --x-key/--y-key")
+            return npz[x_key], npz[y_key]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path} as .npz: {exc}") from exc
+
+
+def open_reference(path: str | Path, transform: ImageTransform, class_names: Sequence[str] | None = None,
+                   x_key: str = "x", y_key: str = "y") -> ReferenceSource:
+    """A folder of class subfolders, or an .npz file."""
+    path = Path(path)
+    if path.is_dir():
+        return ImageFolderSource(path, transform, class_names)
+    if path.suffix == ".npz":
+        x, y = load_npz(path, x_key, y_key)
+        return ArraySource(x, y, transform, class_names, origin=str(path))
+    raise DataError(f"{path}: expected a folder of class subfolders or an .npz file")

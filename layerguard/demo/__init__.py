@@ -1,0 +1,1 @@
+"""The embedded default: a small MNIST CNN with a BadNets backdoor, built reproducibly on 2 CPU cores."""

@@ -1,0 +1,138 @@
+"""Layer of interest, scores and thresholds: the decision part of layer-wise feature analysis.
+
+Scoring works on a batch at once: one gather of each layer's centroids for the predicted classes and one
+row-wise dot product per layer, O(batch x sum of widths) - far less than the forward pass that made the
+features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .stats import quantile_threshold, window_matrix
+
+DEFAULT_TAU = 2.5
+
+
+def layer_of_interest(mean_curve: np.ndarray, search_start: int) -> int:
+    """Index l in [search_start, K-1] of the largest jump mean_curve[l] - mean_curve[l-1].
+
+    Edges: a search start below 1 is raised to 1 (a jump needs a previous layer); with a single layer,
+    or a window that is empty, the LOI is the last layer. Ties go to the earliest layer.
+    """
+    k = len(mean_curve)
+    start = max(1, search_start)
+    if k < 2 or start > k - 1:
+        return k - 1
+    jumps = np.diff(np.asarray(mean_curve, dtype=np.float64))[start - 1:]
+    return start + int(np.argmax(jumps))
+
+
+@dataclass(frozen=True)
+class ThresholdPolicy:
+    """How a class's threshold is set: mean - tau*std (the paper) or a target benign false-positive rate."""
+
+    tau: float | None = DEFAULT_TAU
+    target_fpr: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tau is None) == (self.target_fpr is None):
+            raise ValueError("set exactly one of tau and target_fpr")
+        if self.tau is not None and not (0.0 <= self.tau <= 10.0):
+            raise ValueError(f"tau must be in [0, 10], got {self.tau}")
+        if self.target_fpr is not None and not (0.0 < self.target_fpr < 0.5):
+            raise ValueError(f"target_fpr must be in (0, 0.5), got {self.target_fpr}")
+
+    def describe(self) -> str:
+        return f"tau={self.tau}" if self.tau is not None else f"target_fpr={self.target_fpr}"
+
+    def as_dict(self) -> dict:
+        return {"tau": self.tau} if self.tau is not None else {"target_fpr": self.target_fpr}
+
+
+def thresholds_for(
+    policy: ThresholdPolicy,
+    score_mean: np.ndarray,
+    score_std: np.ndarray,
+    score_hist: np.ndarray,
+    hist_edges: np.ndarray,
+) -> np.ndarray:
+    """Per-class thresholds [C]; a score strictly below its class threshold is flagged."""
+    if policy.tau is not None:
+        return score_mean - policy.tau * score_std
+    return np.array([quantile_threshold(h, hist_edges, policy.target_fpr) for h in score_hist])
+
+
+@dataclass
+class Detection:
+    """Per-item results of one batch, all tensors on the CPU."""
+
+    predicted: torch.Tensor  # [B] class used for scoring
+    similarities: torch.Tensor  # [B, K] cosine similarity to the predicted class's centroid per layer
+    scores: torch.Tensor  # [B]
+    thresholds: torch.Tensor  # [B]
+    layer_of_interest: torch.Tensor  # [B] index into layer_names
+    poisoned: torch.Tensor  # [B] bool
+
+    def item(self, i: int, layer_names: tuple[str, ...]) -> dict:
+        """JSON-ready annotation for one item."""
+        return {
+            "poisoned": bool(self.poisoned[i]),
+            "score": float(self.scores[i]),
+            "threshold": float(self.thresholds[i]),
+            "layer_of_interest": layer_names[int(self.layer_of_interest[i])],
+            "similarities": {n: float(s) for n, s in zip(layer_names, self.similarities[i].tolist())},
+        }
+
+
+class Detector:
+    """Scores captured features against calibrated centroids. Build it once per worker; reuse per batch."""
+
+    def __init__(
+        self,
+        layer_names: tuple[str, ...],
+        centroids: dict[str, torch.Tensor],
+        loi: np.ndarray,
+        thresholds: np.ndarray,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.layer_names = tuple(layer_names)
+        self.device = torch.device(device)
+        # Unit-length centroids: the cosine then needs only the sample's norm.
+        self.unit_centroids = {
+            n: F.normalize(centroids[n].to(self.device, torch.float32), dim=1) for n in self.layer_names
+        }
+        self.loi = torch.as_tensor(np.asarray(loi), dtype=torch.int64)
+        self.thresholds = torch.as_tensor(np.asarray(thresholds), dtype=torch.float32)
+        windows = torch.as_tensor(window_matrix(len(self.layer_names)), dtype=torch.float32)
+        self.class_windows = windows[self.loi]  # [C, K]
+        self.num_classes = len(self.loi)
+
+    def similarities(self, features: dict[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        """[B, K] cosine similarity of each item's features to its class's centroid at every layer."""
+        classes = classes.to(self.device, torch.int64)
+        cols = []
+        for name in self.layer_names:
+            feats = features[name].to(self.device, torch.float32)
+            cols.append(F.cosine_similarity(feats, self.unit_centroids[name][classes], dim=1, eps=1e-12))
+        return torch.stack(cols, dim=1).cpu()
+
+    def score(self, features: dict[str, torch.Tensor], predicted: torch.Tensor) -> Detection:
+        predicted = predicted.detach().cpu().to(torch.int64)
+        if predicted.numel() and (predicted.min() < 0 or predicted.max() >= self.num_classes):
+            raise ValueError(f"predicted class outside 0..{self.num_classes - 1}")
+        sims = self.similarities(features, predicted)
+        scores = (sims * self.class_windows[predicted]).sum(dim=1)
+        thresholds = self.thresholds[predicted]
+        return Detection(
+            predicted=predicted,
+            similarities=sims,
+            scores=scores,
+            thresholds=thresholds,
+            layer_of_interest=self.loi[predicted],
+            poisoned=scores < thresholds,
+        )

@@ -1,0 +1,197 @@
+"""Find a model's candidate layers by watching one forward pass, and pick the ones the method monitors.
+
+The method's "layers" are block outputs (ResNet-18: stem, 8 BasicBlocks, logits; L = 10), not every module.
+Names alone cannot tell a block from a helper module, so we run one forward pass with hooks on the
+model's *units* (blocks and top-level leaf modules), record the order they are called in, and group
+consecutive units into *stages*: a stage starts at every block or weighted leaf (conv/linear).
+Parameter-free leaves (norm, activation, pooling, flatten, dropout) that follow a weighted leaf join its
+stage (conv-bn-relu-pool is one stage); those that follow a block lead into the next stage (a block's
+own output stays a layer, and avgpool+fc is the logits stage). A stage's output is its last unit's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+WEIGHTED_LEAVES = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)
+
+
+class LayerSelectionError(ValueError):
+    """A layer name or layer list the model cannot provide."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One candidate layer: the module name, what kind of unit it is and its per-sample output shape."""
+
+    name: str
+    kind: str  # "block", "leaf" or "stage" (a stage named after its last unit)
+    output_shape: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        """Number of features once flattened: the centroid's length."""
+        n = 1
+        for d in self.output_shape:
+            n *= d
+        return n
+
+
+def _is_composite(module: nn.Module) -> bool:
+    return len(list(module.children())) > 0 and not isinstance(module, CONTAINERS)
+
+
+def _is_block(module: nn.Module) -> bool:
+    """A composite module none of whose descendants is composite (e.g. a BasicBlock)."""
+    return _is_composite(module) and not any(_is_composite(m) for m in list(module.modules())[1:])
+
+
+def _units(model: nn.Module) -> dict[str, nn.Module]:
+    """Blocks and leaves reached by opening containers and composites that hold blocks."""
+    units: dict[str, nn.Module] = {}
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if _is_block(child) or not list(child.children()):
+                units[full] = child
+            else:
+                visit(full, child)
+
+    if not list(model.children()):
+        return {"": model}
+    visit("", model)
+    return units
+
+
+def _trace_calls(model: nn.Module, units: dict[str, nn.Module], sample: torch.Tensor) -> list[tuple]:
+    """Run one forward pass; return (name, module, output_shape_or_None, call_count) in first-call order."""
+    order: list[str] = []
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    counts: dict[str, int] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(_module, _inputs, output):
+            counts[name] = counts.get(name, 0) + 1
+            if name not in shapes:
+                order.append(name)
+                ok = isinstance(output, torch.Tensor) and output.dim() >= 1
+                shapes[name] = tuple(output.shape[1:]) if ok else None
+
+        return hook
+
+    try:
+        for name, module in units.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            model(sample)
+        model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(n, units[n], shapes[n], counts[n]) for n in order]
+
+
+def discover_layers(model: nn.Module, sample: torch.Tensor) -> list[LayerInfo]:
+    """All candidate layers (stage outputs) in forward order, found from one forward pass on `sample`.
+
+    Units called more than once per forward pass (a shared ReLU, say) are skipped: a hook on them
+    cannot tell the calls apart. Units that do not return a batch-first tensor are skipped too.
+    """
+    calls = _trace_calls(model, _units(model), sample)
+    stages: list[list[tuple]] = []
+    pending: list[tuple] = []  # parameter-free leaves after a block: they lead into the next stage
+    for name, module, shape, count in calls:
+        if shape is None or count != 1:
+            continue
+        unit = (name, module, shape)
+        if _is_block(module) or isinstance(module, WEIGHTED_LEAVES):
+            stages.append(pending + [unit])
+            pending = []
+        elif not stages or _is_block(stages[-1][-1][1]) or pending:
+            pending.append(unit)
+        else:
+            stages[-1].append(unit)
+    if pending:
+        stages.append(pending)
+    layers = []
+    for stage in stages:
+        name, module, shape = stage[-1]
+        kind = "block" if _is_block(module) and len(stage) == 1 else ("leaf" if len(stage) == 1 else "stage")
+        layers.append(LayerInfo(name=name, kind=kind, output_shape=shape))
+    return layers
+
+
+def all_module_outputs(model: nn.Module, sample: torch.Tensor) -> list[LayerInfo]:
+    """Every named module that returns a tensor exactly once per forward pass: what `--layers` may name."""
+    named = {n: m for n, m in model.named_modules() if n}
+    calls = _trace_calls(model, named, sample)
+    return [
+        LayerInfo(name=n, kind="block" if _is_block(m) else ("leaf" if not list(m.children()) else "module"),
+                  output_shape=s)
+        for n, m, s, c in calls
+        if s is not None and c == 1
+    ]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The monitored layers and where the layer-of-interest search starts among them.
+
+    `layers` are in forward order. The LOI is searched over indices `loi_search_start .. len(layers)-1`
+    (the jump at index l is mean_sim[l] - mean_sim[l-1]), and a score sums indices LOI-2..LOI, clipped
+    at 0. `total_layers` is L of the whole model, kept for the report.
+    """
+
+    layers: tuple[str, ...]
+    loi_search_start: int
+    total_layers: int
+
+
+def default_plan(candidates: list[LayerInfo]) -> LayerPlan:
+    """The method's window: layers floor(L/2)-1 .. L-1 (0-based) so that LOI in floor(L/2)+1 .. L-1
+    always has LOI-2 captured. This matches the official notebook's 0-based search range."""
+    total = len(candidates)
+    if total == 0:
+        raise LayerSelectionError("the model has no layer that returns a tensor; name layers with --layers")
+    half = total // 2
+    first = max(0, half - 1)
+    names = tuple(c.name for c in candidates[first:])
+    search_start = min(max(1, half + 1 - first), len(names) - 1) if len(names) > 1 else 0
+    return LayerPlan(layers=names, loi_search_start=search_start, total_layers=total)
+
+
+def explicit_plan(names: list[str], available: list[LayerInfo]) -> LayerPlan:
+    """Layers named by the user, which must exist, return a tensor once per pass and be in forward order."""
+    position = {info.name: i for i, info in enumerate(available)}
+    missing = [n for n in names if n not in position]
+    if missing:
+        raise LayerSelectionError(
+            f"unknown or unusable layer(s): {', '.join(missing)}. "
+            "Run with --list-layers to see the names this model offers."
+        )
+    if len(set(names)) != len(names):
+        raise LayerSelectionError("a layer is named twice in --layers")
+    ordered = sorted(names, key=position.__getitem__)
+    if ordered != list(names):
+        raise LayerSelectionError(f"--layers must be in forward order: {','.join(ordered)}")
+    return LayerPlan(layers=tuple(names), loi_search_start=1 if len(names) > 1 else 0, total_layers=len(names))
+
+
+def format_layer_table(layers: list[LayerInfo], plan: LayerPlan | None = None) -> str:
+    """A printable table of candidate layers, marking the ones a plan monitors."""
+    chosen = set(plan.layers) if plan else set()
+    rows = [f"{'#':>3}  {'layer':<32} {'kind':<6} {'features':>10}  output shape"]
+    for i, info in enumerate(layers):
+        mark = "*" if info.name in chosen else " "
+        rows.append(
+            f"{i:>3}{mark} {info.name:<32} {info.kind:<6} {info.width:>10}  {tuple(info.output_shape)}"
+        )
+    return "\n".join(rows)

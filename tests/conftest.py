@@ -1,0 +1,59 @@
+"""Shared fixtures: one real backdoored MNIST model per test session (trained in seconds, cached)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from layerguard.demo.mnist import MnistSplits, load_mnist_splits, load_or_train
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-load", action="store_true", help="run the long load tests (make test-load)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-load"):
+        return
+    skip = pytest.mark.skip(reason="load test: run with make test-load")
+    for item in items:
+        if "load" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mnist")
+
+
+@pytest.fixture(scope="session")
+def mnist_splits() -> MnistSplits:
+    return load_mnist_splits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def backdoored_mnist(mnist_dir: Path) -> torch.nn.Module:
+    """MnistNet with a BadNets backdoor to class 7; state_dict at mnist_dir/mnist_badnets.pt."""
+    model, report = load_or_train(mnist_dir, seed=0)
+    assert report.clean_accuracy > 0.9 and report.attack_success_rate > 0.9, report
+    return model
+
+
+@pytest.fixture(scope="session")
+def mnist_npz(mnist_dir: Path, mnist_splits: MnistSplits) -> dict[str, Path]:
+    """Reference, benign test and triggered test sets as .npz files (x uint8 [N,28,28], y)."""
+    from layerguard.demo.mnist import apply_trigger
+
+    paths = {
+        "ref": (mnist_splits.x_ref, mnist_splits.y_ref),
+        "test": (mnist_splits.x_test, mnist_splits.y_test),
+        "poison": (apply_trigger(mnist_splits.x_test), mnist_splits.y_test),
+    }
+    out = {}
+    for name, (x, y) in paths.items():
+        out[name] = mnist_dir / f"{name}.npz"
+        np.savez(out[name], x=x, y=y)
+    return out

@@ -1,0 +1,124 @@
+"""calibrate.py as a user runs it: real files, real exit codes, no partial artifact on bad input."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_FILE = ROOT / "layerguard" / "demo" / "mnist_model.py"
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "calibrate.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory, mnist_splits) -> Path:
+    """The reference digits as PNG files in class subfolders, as a user would have them."""
+    root = tmp_path_factory.mktemp("ref")
+    for i, (img, label) in enumerate(zip(mnist_splits.x_ref, mnist_splits.y_ref)):
+        (root / str(label)).mkdir(exist_ok=True)
+        Image.fromarray(img).save(root / str(label) / f"{i}.png")
+    return root
+
+
+def base_args(mnist_dir: Path) -> list[str]:
+    return ["--model-file", str(MODEL_FILE), "--weights", str(mnist_dir / "mnist_badnets.pt"), "--channels", "1"]
+
+
+def test_help_documents_every_option():
+    out = run_cli("--help", cwd=ROOT).stdout
+    for option in ["--model-file", "--weights", "--data", "--layers", "--list-layers", "--tau", "--target-fpr",
+                   "--holdout-fraction", "--min-per-class", "--output", "--poisoned", "--benign-test",
+                   "--target-class", "--report", "--class-names", "--input-size", "--mean", "--std"]:
+        assert option in out
+
+
+def test_calibrates_a_folder_and_reports_detection(tmp_path, backdoored_mnist, mnist_dir, image_folder, mnist_npz):
+    out = tmp_path / "art.npz"
+    res = run_cli(*base_args(mnist_dir), "--data", str(image_folder), "-o", str(out), "--poisoned",
+                  str(mnist_npz["poison"]), "--benign-test", str(mnist_npz["test"]), "--target-class", "7",
+                  "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert out.is_file()
+    assert "layer of interest" in res.stdout and "threshold" in res.stdout
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("detection"))
+    tpr = float(line.split("TPR ")[1].split("%")[0])
+    assert tpr >= 95.0, line
+
+
+def test_list_layers(tmp_path, backdoored_mnist, mnist_dir, mnist_npz):
+    res = run_cli(*base_args(mnist_dir), "--data", str(mnist_npz["ref"]), "--list-layers", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "features.7" in res.stdout and "fc2" in res.stdout
+    assert not list(tmp_path.glob("*.npz"))
+
+
+def _assert_refused(res: subprocess.CompletedProcess, out: Path, *words: str) -> None:
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    for w in words:
+        assert w in res.stderr, res.stderr
+    assert not out.exists()
+    assert not list(out.parent.glob("*.partial"))
+
+
+def test_empty_folder(tmp_path, backdoored_mnist, mnist_dir):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "art.npz"
+    res = run_cli(*base_args(mnist_dir), "--data", str(tmp_path / "empty"), "-o", str(out), cwd=tmp_path)
+    _assert_refused(res, out, "no class subfolders")
+
+
+def test_unknown_class_folder(tmp_path, backdoored_mnist, mnist_dir, image_folder):
+    data = tmp_path / "ref"
+    shutil.copytree(image_folder, data)
+    (data / "cat").mkdir()
+    shutil.copy(next((data / "3").iterdir()), data / "cat" / "x.png")
+    out = tmp_path / "art.npz"
+    res = run_cli(*base_args(mnist_dir), "--data", str(data), "-o", str(out),
+                  "--class-names", ",".join(str(i) for i in range(10)), cwd=tmp_path)
+    _assert_refused(res, out, "cat", "not among the model's classes")
+
+
+def test_unreadable_image(tmp_path, backdoored_mnist, mnist_dir, image_folder):
+    data = tmp_path / "ref"
+    shutil.copytree(image_folder, data)
+    (data / "4" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "art.npz"
+    res = run_cli(*base_args(mnist_dir), "--data", str(data), "-o", str(out), cwd=tmp_path)
+    _assert_refused(res, out, "broken.png", "not a readable image")
+
+
+def test_class_with_too_few_samples(tmp_path, backdoored_mnist, mnist_dir, mnist_splits):
+    keep = np.ones(len(mnist_splits.y_ref), dtype=bool)
+    keep[np.nonzero(mnist_splits.y_ref == 5)[0][3:]] = False  # class 5 keeps 3 images
+    data = tmp_path / "few.npz"
+    np.savez(data, x=mnist_splits.x_ref[keep], y=mnist_splits.y_ref[keep])
+    out = tmp_path / "art.npz"
+    res = run_cli(*base_args(mnist_dir), "--data", str(data), "-o", str(out), cwd=tmp_path)
+    _assert_refused(res, out, "too few reference samples", "5 (3)")
+
+
+def test_missing_class_entirely(tmp_path, backdoored_mnist, mnist_dir, mnist_splits):
+    keep = mnist_splits.y_ref != 9
+    data = tmp_path / "nine.npz"
+    np.savez(data, x=mnist_splits.x_ref[keep], y=mnist_splits.y_ref[keep])
+    out = tmp_path / "art.npz"
+    res = run_cli(*base_args(mnist_dir), "--data", str(data), "-o", str(out), cwd=tmp_path)
+    _assert_refused(res, out, "10 classes")
+
+
+def test_wrong_weights(tmp_path, mnist_dir, mnist_npz):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    out = tmp_path / "art.npz"
+    res = run_cli("--model-file", str(MODEL_FILE), "--weights", str(bad), "--channels", "1",
+                  "--data", str(mnist_npz["ref"]), "-o", str(out), cwd=tmp_path)
+    _assert_refused(res, out, "cannot read weights")

@@ -143,3 +143,33 @@ def load_or_train(out_dir: str | Path, seed: int = 0, epochs: int = 4) -> tuple[
     torch.save(model.state_dict(), weights)
     info.write_text(json.dumps(asdict(report), indent=2))
     return model, report
+
+
+def export_demo_data(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Weights plus reference / benign test / triggered test sets as .npz (x uint8 [N,28,28], y), so the
+    calibrate.py example in the README runs on real files."""
+    out_dir = Path(out_dir)
+    load_or_train(out_dir, seed=seed)
+    splits = load_mnist_splits(seed)
+    sets = {
+        "reference": (splits.x_ref, splits.y_ref),
+        "test": (splits.x_test, splits.y_test),
+        "triggered": (apply_trigger(splits.x_test), splits.y_test),
+    }
+    paths = {"weights": out_dir / "mnist_badnets.pt"}
+    for name, (x, y) in sets.items():
+        paths[name] = out_dir / f"{name}.npz"
+        np.savez(paths[name], x=x, y=y)
+    return paths
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train (or reuse) the backdoored MNIST demo model and "
+                                                 "export its data sets as .npz files.")
+    parser.add_argument("--out", default="demo-data", help="output folder (default: demo-data)")
+    parser.add_argument("--seed", type=int, default=0)
+    cli_args = parser.parse_args()
+    for kind, path in export_demo_data(cli_args.out, cli_args.seed).items():
+        print(f"{kind:>10}: {path}")

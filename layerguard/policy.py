@@ -1,0 +1,107 @@
+"""The serving policy: what the guard does with a flagged input, read from the archive's model-config.yaml.
+
+layerguard's keys live in their own block, `handler: {layerguard: {...}}`, so they never collide with the
+keys the wrapped handler reads from the same `handler:` section (TorchServe's `profile`, a user's own
+settings). Inside that block every key is known: a typo such as `polcy: reject` is refused when the model
+loads, rather than silently serving with the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .artifact import DEFAULT_FILENAME
+from .detector import ThresholdPolicy
+
+SECTION = "layerguard"
+ACTIONS = ("annotate", "reject")
+KNOWN_KEYS = {
+    "inner_handler": "the wrapped model's own handler (written by `layerguard wrap`)",
+    "policy": "annotate (default) or reject",
+    "tau": "threshold = mean - tau * std of benign scores (overrides the calibrated policy)",
+    "target_fpr": "threshold at this benign false-positive rate (overrides the calibrated policy)",
+    "artifact": f"calibration artifact file in the archive (default {DEFAULT_FILENAME})",
+    "reject_status": "HTTP status for a rejected input (default 403)",
+}
+
+
+class PolicyError(ValueError):
+    """model-config.yaml has a layerguard setting that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ServingPolicy:
+    inner_handler: str
+    action: str = "annotate"
+    threshold: ThresholdPolicy | None = None  # None: the policy chosen at calibration
+    artifact: str = DEFAULT_FILENAME
+    reject_status: int = 403
+
+    @property
+    def rejects(self) -> bool:
+        return self.action == "reject"
+
+    def to_config(self) -> dict[str, Any]:
+        """The `handler.layerguard` block that `parse_policy` reads back to this policy."""
+        block: dict[str, Any] = {"inner_handler": self.inner_handler, "policy": self.action}
+        if self.threshold is not None:
+            block.update(self.threshold.as_dict())
+        if self.artifact != DEFAULT_FILENAME:
+            block["artifact"] = self.artifact
+        if self.reject_status != 403:
+            block["reject_status"] = self.reject_status
+        return block
+
+
+def parse_policy(model_yaml_config: Mapping[str, Any] | None) -> ServingPolicy:
+    """Read `handler.layerguard` from the parsed model-config.yaml (TorchServe's model_yaml_config)."""
+    handler = (model_yaml_config or {}).get("handler") or {}
+    if not isinstance(handler, Mapping):
+        raise PolicyError("model-config.yaml: `handler` must be a mapping")
+    block = handler.get(SECTION)
+    if not isinstance(block, Mapping):
+        raise PolicyError(
+            "model-config.yaml has no `handler: layerguard:` block. Build the archive with "
+            "`layerguard wrap`, which writes it, or add "
+            "`handler: {layerguard: {inner_handler: your_handler.py}}`."
+        )
+    unknown = sorted(set(block) - set(KNOWN_KEYS))
+    if unknown:
+        known = "; ".join(f"{k}: {v}" for k, v in KNOWN_KEYS.items())
+        raise PolicyError(f"model-config.yaml: unknown key(s) {', '.join(unknown)} under handler.layerguard. "
+                          f"Known keys - {known}.")
+    inner = block.get("inner_handler")
+    if not isinstance(inner, str) or not inner.strip():
+        raise PolicyError("model-config.yaml: handler.layerguard.inner_handler must name the model's own "
+                          "handler (e.g. my_handler.py or my_handler.py:MyHandler)")
+    action = block.get("policy", "annotate")
+    if action not in ACTIONS:
+        raise PolicyError("model-config.yaml: handler.layerguard.policy must be one of "
+                          f"{', '.join(ACTIONS)}, got {action!r}")
+    threshold = None
+    if "tau" in block or "target_fpr" in block:
+        try:
+            threshold = ThresholdPolicy(tau=_number(block, "tau"), target_fpr=_number(block, "target_fpr"))
+        except ValueError as exc:
+            raise PolicyError(f"model-config.yaml: handler.layerguard: {exc}") from exc
+    artifact = block.get("artifact", DEFAULT_FILENAME)
+    if not isinstance(artifact, str) or "/" in artifact or "\\" in artifact or artifact.startswith("."):
+        raise PolicyError("model-config.yaml: handler.layerguard.artifact must be a plain file name "
+                          "in the archive")
+    status = block.get("reject_status", 403)
+    if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 499:
+        raise PolicyError("model-config.yaml: handler.layerguard.reject_status must be a 4xx code, "
+                          f"got {status!r}")
+    return ServingPolicy(inner_handler=inner.strip(), action=action, threshold=threshold, artifact=artifact,
+                         reject_status=status)
+
+
+def _number(block: Mapping[str, Any], key: str) -> float | None:
+    value = block.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PolicyError(f"model-config.yaml: handler.layerguard.{key} must be a number, got {value!r}")
+    return float(value)

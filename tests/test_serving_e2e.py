@@ -1,0 +1,121 @@
+"""End to end: guarded archives of a real backdoored model served by a real TorchServe on 127.0.0.1,
+started with the project's config.properties (free ports) and stopped by PID in every case."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from torchserve_util import TorchServe, digit_pngs, guarded_archives
+
+
+@pytest.fixture(scope="module")
+def images(mnist_splits):
+    return digit_pngs(mnist_splits, 32)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, backdoored_mnist, mnist_splits):
+    archives = guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
+    ts = TorchServe(tmp_path_factory.mktemp("torchserve"), archives["store"],
+                    ["mnist=mnist.mar", "mnist_reject=mnist_reject.mar"])
+    try:
+        ts.start()
+        yield ts
+    finally:
+        ts.stop()
+    assert ts.process.poll() is not None
+
+
+def predict(server: TorchServe, payload: bytes, model: str = "mnist", token: bool = True) -> requests.Response:
+    headers = server.headers() if token else {}
+    return requests.post(f"{server.url}/predictions/{model}", data=payload, headers=headers, timeout=60)
+
+
+def test_single_requests_are_annotated(server, images):
+    clean, triggered, labels = images
+    r = predict(server, clean[0])
+    assert r.status_code == 200
+    body = r.json()
+    assert body["class"] == int(labels[0]) and body["layerguard"]["poisoned"] is False
+    assert r.headers["X-LayerGuard-Poisoned"] == "false"
+    r = predict(server, triggered[0])
+    assert r.status_code == 200 and r.json()["layerguard"]["poisoned"] is True and r.json()["class"] == 7
+
+
+def test_concurrent_requests_form_batches_and_are_flagged(server, images):
+    clean, triggered, _ = images
+    payloads = clean[:16] + triggered[:16]
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda p: predict(server, p), payloads))
+    assert all(r.status_code == 200 for r in responses)
+    flags = [r.json()["layerguard"]["poisoned"] for r in responses]
+    assert sum(flags[:16]) <= 3 and sum(flags[16:]) >= 13
+    # the worker's metric lines list the request ids of each batch
+    assert max(batch_sizes(server)) > 1
+
+
+def batch_sizes(server: TorchServe) -> list[int]:
+    """Requests per batch, from the worker's metric lines (each lists its batch's request ids)."""
+    lines = re.findall(r"\[METRICS\]LayerGuardInputsChecked\.Count:.*", server.log_text())
+    return [len(re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", line)) for line in lines]
+
+
+def test_mixed_batch_with_corrupt_image_has_per_item_statuses(server, images):
+    clean, triggered, _ = images
+    payloads = [clean[1], b"not a png", triggered[1], b"\x89PNG\r\n\x1a\n truncated"] * 3
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda p: predict(server, p), payloads))
+    for payload, r in zip(payloads, responses):
+        if payload in (clean[1], triggered[1]):
+            assert r.status_code == 200
+            assert r.json()["layerguard"]["poisoned"] is (payload == triggered[1])
+        else:
+            assert r.status_code == 400
+            assert r.json()["error"] == "invalid input" and r.json()["reason"]
+    # at least one batch really mixed good and corrupt requests (its metric line lists their request ids)
+    good = {r.headers["x-request-id"] for r in responses if r.status_code == 200}
+    bad = {r.headers["x-request-id"] for r in responses if r.status_code == 400}
+    lines = re.findall(r"\[METRICS\]LayerGuardInputsChecked\.Count:.*", server.log_text())
+    assert any(any(g in line for g in good) and any(b in line for b in bad) for line in lines)
+
+
+def test_reject_policy(server, images):
+    clean, triggered, _ = images
+    ok = predict(server, clean[2], model="mnist_reject")
+    assert ok.status_code == 200 and "class" in ok.json()
+    r = predict(server, triggered[2], model="mnist_reject")
+    assert r.status_code == 403
+    body = r.json()
+    assert body["error"] == "rejected by layerguard" and "below threshold" in body["reason"]
+    assert "class" not in body and "probabilities" not in body
+
+
+def test_token_is_required(server, images):
+    clean, _, _ = images
+    assert predict(server, clean[0], token=False).status_code == 400
+    assert requests.get(f"{server.url}/ping", timeout=10).status_code == 400
+
+
+def test_model_api_is_off(server):
+    url = f"http://127.0.0.1:{server.ports['management']}/models?url=mnist.mar"
+    r = requests.post(url, headers=server.headers("management"), timeout=10)
+    assert r.status_code >= 400
+
+
+def test_prometheus_metrics(server, images):
+    predict(server, images[1][3])  # at least one flagged input
+    text = requests.get(server.metrics_url, timeout=10).text
+
+    def value(name: str, model: str) -> float:
+        match = re.search(rf'^{name}\{{ModelName="{model}",Level="Model",[^}}]*\}} ([0-9.e+-]+)$', text, re.M)
+        assert match, f"{name} for {model} missing from /metrics"
+        return float(match.group(1))
+
+    assert value("LayerGuardInputsChecked", "mnist") >= 40
+    assert value("LayerGuardInputsFlagged", "mnist") >= 20
+    assert value("LayerGuardInputsFlagged", "mnist_reject") >= 1
+    assert value("LayerGuardErrors", "mnist") == 0
+    assert value("LayerGuardDetectionLatency", "mnist") >= 0

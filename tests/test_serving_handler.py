@@ -1,0 +1,219 @@
+"""The guard handler in-process, loaded by TorchServe's own model loader with the real ts.context.Context
+(not MockContext: per-request statuses and the metrics cache are what serving uses)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torchserve_util import build_original_mar, digit_pngs, guarded_archives
+
+from layerguard.artifact import ArtifactError
+from layerguard.packaging import set_requests, wrap_mar
+from layerguard.policy import PolicyError
+from layerguard.serving import GuardLoadError, guardable_model, model_dir_imports
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory, backdoored_mnist, mnist_splits):
+    return guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
+
+
+@pytest.fixture(scope="module")
+def images(mnist_splits):
+    return digit_pngs(mnist_splits, 48)
+
+
+def extract(mar: Path, dest: Path, mutate=None) -> Path:
+    """The model dir a worker would see; `mutate(config)` edits its model-config.yaml."""
+    with zipfile.ZipFile(mar) as zf:
+        zf.extractall(dest)
+    if mutate:
+        path = dest / "model-config.yaml"
+        config = yaml.safe_load(path.read_text())
+        mutate(config)
+        path.write_text(yaml.safe_dump(config))
+    return dest
+
+
+class Served:
+    """A model loaded the way a worker loads it: ts.model_loader + layerguard_handler.py."""
+
+    def __init__(self, model_dir: Path, batch_size: int = 8) -> None:
+        from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+        from ts.model_loader import TsModelLoader
+
+        self.metrics = MetricsCacheYamlImpl(str(Path(__file__).parents[1] / "layerguard" / "ts_metrics.yaml"))
+        self.metrics.initialize_cache()
+        with model_dir_imports(model_dir):
+            self.service = TsModelLoader().load("mnist", str(model_dir.resolve()), "layerguard_handler.py", None,
+                                                batch_size, None, True, self.metrics)
+        self.context = self.service.context
+
+    def __call__(self, payloads: list[bytes]) -> list[tuple[int, dict, dict]]:
+        """(status, response headers, body) per request of one batch."""
+        data = [{"data": p} for p in payloads]
+        set_requests(self.context, len(data))
+        out = self.service._entry_point(data, self.context)
+        assert len(out) == len(data)
+        return [(self.context.get_response_status(i)[0], self.context.get_response_headers(i), out[i])
+                for i in range(len(data))]
+
+
+@pytest.fixture(scope="module")
+def served(archives, tmp_path_factory):
+    return Served(extract(archives["guarded"], tmp_path_factory.mktemp("guarded")))
+
+
+def flagged(results) -> list[bool]:
+    return [body["layerguard"]["poisoned"] for _, _, body in results]
+
+
+def test_annotates_in_the_inner_handlers_shape(served, images):
+    clean, triggered, labels = images
+    results = served(clean[:8])
+    for status, headers, body in results:
+        assert status == 200
+        assert {"class", "probability", "probabilities", "layerguard"} <= set(body)
+        note = body["layerguard"]
+        assert set(note) == {"poisoned", "score", "threshold", "layer_of_interest", "similarities"}
+        assert set(note["similarities"]) == set(served.service._entry_point.__self__.artifact.layer_names)
+        assert headers["X-LayerGuard-Poisoned"] == ("true" if note["poisoned"] else "false")
+    accuracy = sum(body["class"] == int(y) for (_, _, body), y in zip(results, labels[:8])) / 8
+    assert accuracy >= 0.75
+
+
+def test_flags_triggered_digits_and_passes_clean_ones(served, images):
+    clean, triggered, _ = images
+    clean_flags = [f for i in range(0, 48, 8) for f in flagged(served(clean[i:i + 8]))]
+    trig_flags = [f for i in range(0, 48, 8) for f in flagged(served(triggered[i:i + 8]))]
+    assert sum(clean_flags) / len(clean_flags) <= 0.15
+    assert sum(trig_flags) / len(trig_flags) >= 0.8
+
+
+def test_batch_equals_one_at_a_time(served, images):
+    clean, triggered, _ = images
+    batch = served(clean[:3] + triggered[:3])
+    single = [served([p])[0] for p in clean[:3] + triggered[:3]]
+    for (_, _, a), (_, _, b) in zip(batch, single):
+        assert a["class"] == b["class"]
+        assert a["layerguard"]["score"] == pytest.approx(b["layerguard"]["score"], abs=1e-4)
+
+
+def test_corrupt_item_gets_its_own_400(served, images, caplog):
+    clean, triggered, _ = images
+    caplog.set_level(logging.INFO)
+    results = served([clean[0], b"\x89PNG broken", triggered[0], b""])
+    assert [r[0] for r in results] == [200, 400, 200, 400]
+    assert results[1][2]["error"] == "invalid input" and "reason" in results[1][2]
+    assert results[2][2]["layerguard"]["poisoned"] is True
+    metrics = "\n".join(r.getMessage() for r in caplog.records if "[METRICS]LayerGuard" in r.getMessage())
+    assert "LayerGuardInputsChecked.Count:2|" in metrics
+    assert "LayerGuardInputsFlagged.Count:1|" in metrics
+
+
+def test_detector_failure_is_a_per_item_500_and_counted(served, images, monkeypatch, caplog):
+    clean, _, _ = images
+    handler = served.service._entry_point.__self__
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("centroids on fire")
+
+    monkeypatch.setattr(handler.detector, "score", broken)
+    caplog.set_level(logging.INFO)
+    results = served([clean[0], b"junk", clean[1]])
+    assert [r[0] for r in results] == [500, 400, 500]
+    assert results[0][2] == {"error": "detection failed", "reason": "RuntimeError: centroids on fire"}
+    metrics = "\n".join(r.getMessage() for r in caplog.records if "[METRICS]LayerGuardErrors" in r.getMessage())
+    assert "LayerGuardErrors.Count:2|" in metrics
+    monkeypatch.undo()
+    assert served([clean[0]])[0][0] == 200  # the same worker keeps serving
+
+
+def test_reject_policy_answers_403_without_prediction(archives, tmp_path, images):
+    clean, triggered, _ = images
+    served = Served(extract(archives["reject"], tmp_path / "d"))
+    results = served([clean[0], triggered[0], triggered[1]])
+    assert results[0][0] == 200 and "class" in results[0][2]
+    for status, headers, body in results[1:]:
+        assert status == 403
+        assert set(body) == {"error", "reason", "layerguard"} and "class" not in body
+        assert "below threshold" in body["reason"]
+        assert headers["X-LayerGuard-Poisoned"] == "true"
+
+
+def test_tau_override_moves_the_threshold(archives, tmp_path, served, images):
+    clean, _, _ = images
+    lax = Served(extract(archives["guarded"], tmp_path / "d",
+                         lambda c: c["handler"]["layerguard"].update(tau=10.0)))
+    base = served([clean[0]])[0][2]["layerguard"]
+    note = lax([clean[0]])[0][2]["layerguard"]
+    assert note["score"] == pytest.approx(base["score"])
+    assert note["threshold"] < base["threshold"]
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"polcy": "reject"}, "unknown key(s) polcy"),
+    ({"policy": "block"}, "must be one of annotate, reject"),
+    ({"tau": 1.0, "target_fpr": 0.01}, "exactly one of tau and target_fpr"),
+])
+def test_bad_policy_refused_at_load(archives, tmp_path, block, message):
+    model_dir = extract(archives["guarded"], tmp_path / "d", lambda c: c["handler"]["layerguard"].update(block))
+    with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Served(model_dir)
+
+
+def test_other_weights_refused_at_load(archives, tmp_path):
+    model_dir = extract(archives["guarded"], tmp_path / "d")
+    state = torch.load(model_dir / "mnist_model.pt", weights_only=True)
+    state["fc2.bias"] = state["fc2.bias"] + 0.01
+    torch.save(state, model_dir / "mnist_model.pt")
+    with pytest.raises(ArtifactError, match="other model weights"):
+        Served(model_dir)
+
+
+def test_missing_artifact_refused_at_load(archives, tmp_path):
+    model_dir = extract(archives["guarded"], tmp_path / "d")
+    (model_dir / "layerguard_calibration.npz").unlink()
+    with pytest.raises(ArtifactError, match="not found"):
+        Served(model_dir)
+
+
+def test_torchscript_refused_with_what_to_ship(tmp_path, backdoored_mnist):
+    model = backdoored_mnist
+    with pytest.raises(GuardLoadError, match="TorchScript.*Ship the eager model"):
+        guardable_model(torch.jit.script(model), {"model": {}}, str(tmp_path), torch.device("cpu"))
+    mar = build_original_mar(tmp_path, model, fmt="torchscript")
+    from layerguard.packaging import ReferenceData
+
+    with pytest.raises(GuardLoadError, match="TorchScript"):
+        wrap_mar(mar, ReferenceData([b""], torch.zeros(1, dtype=torch.int64).numpy(), None, ["x"]), tmp_path / "out")
+
+
+def test_torch_export_program_is_guarded_through_unflatten(tmp_path, images, backdoored_mnist, mnist_splits):
+    from torchserve_util import ASSETS
+
+    from layerguard.packaging import ReferenceData, encode_png
+
+    model, splits = backdoored_mnist, mnist_splits
+    work = tmp_path / "export"
+    work.mkdir()
+    shutil.copy(ASSETS / "mnist_handler.py", work / "mnist_handler.py")
+    mar = build_original_mar(tmp_path, model, fmt="export", handler=ASSETS / "mnist_export_handler.py")
+    # the export handler imports mnist_handler: ship it in the original archive like a user would
+    with zipfile.ZipFile(mar, "a") as zf:
+        zf.write(work / "mnist_handler.py", "mnist_handler.py")
+    reference = ReferenceData([encode_png(x) for x in splits.x_ref[:300]], splits.y_ref[:300], None,
+                              [str(i) for i in range(300)])
+    guarded = wrap_mar(mar, reference, tmp_path / "store").mar_path
+    served = Served(extract(guarded, tmp_path / "d"))
+    handler = served.service._entry_point.__self__
+    assert type(handler.model).__name__ == "UnflattenedModule"
+    clean, triggered, _ = images
+    assert sum(flagged(served(triggered[:16]))) >= 12
+    assert sum(flagged(served(clean[:16]))) <= 3

@@ -1,0 +1,102 @@
+"""`layerguard wrap`: a guarded .mar from an existing one plus benign reference images."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import zipfile
+
+import numpy as np
+import pytest
+import yaml
+from torchserve_util import guarded_archives, png_bytes
+
+from layerguard.packaging import (
+    WrapError,
+    add_wrap_arguments,
+    encode_png,
+    load_reference,
+    read_manifest,
+    run_wrap,
+    wrap_mar,
+)
+
+SERVING_MODULES = {"__init__", "artifact", "capture", "detector", "layers", "policy", "serving", "stats"}
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory, backdoored_mnist, mnist_splits):
+    return guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_guarded_archive_carries_original_artifact_package_and_config(archives):
+    original, guarded = archives["original"], archives["guarded"]
+    manifest = read_manifest(guarded)["model"]
+    assert manifest["handler"] == "layerguard_handler.py" and manifest["configFile"] == "model-config.yaml"
+    before = read_manifest(original)["model"]
+    assert manifest["modelFile"] == before["modelFile"] and manifest["serializedFile"] == before["serializedFile"]
+    with zipfile.ZipFile(original) as zo, zipfile.ZipFile(guarded) as zg:
+        names = set(zg.namelist())
+        for name in zo.namelist():
+            if name != "MAR-INF/MANIFEST.json":
+                assert zg.read(name) == zo.read(name), f"{name} changed"
+        config = yaml.safe_load(zg.read("model-config.yaml"))
+    assert {"layerguard_calibration.npz", "layerguard_handler.py"} <= names
+    assert {f"layerguard/{m}.py" for m in SERVING_MODULES} <= names
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    assert config["handler"]["layerguard"] == {"inner_handler": "mnist_handler.py", "policy": "annotate"}
+    assert config["batchSize"] == 8 and config["maxBatchDelay"] == 200
+
+
+def test_wrap_cli_from_image_folder_leaves_original_untouched(archives, tmp_path, capsys, mnist_splits):
+    splits = mnist_splits
+    for i, (x, y) in enumerate(zip(splits.x_ref[:200], splits.y_ref[:200])):
+        folder = tmp_path / "ref" / str(y)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.png").write_bytes(png_bytes(x))
+    original = archives["original"]
+    before = digest(original)
+    args = add_wrap_arguments(argparse.ArgumentParser()).parse_args(
+        ["--mar", str(original), "--data", str(tmp_path / "ref"), "--out", str(tmp_path / "store"),
+         "--model-name", "mnist_strict", "--policy", "reject", "--target-fpr", "0.05", "--batch-size", "4",
+         "--min-per-class", "5"])
+    assert run_wrap(args) == 0
+    assert "guarded archive:" in capsys.readouterr().out
+    assert digest(original) == before
+    out = tmp_path / "store" / "mnist_strict.mar"
+    with zipfile.ZipFile(out) as zf:
+        config = yaml.safe_load(zf.read("model-config.yaml"))
+    assert config["handler"]["layerguard"] == {"inner_handler": "mnist_handler.py", "policy": "reject",
+                                               "target_fpr": 0.05}
+    assert config["batchSize"] == 4
+    assert run_wrap(args) == 2  # exists: needs --force
+    assert "--force" in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_the_original_or_wrap_twice(archives, tmp_path):
+    original = archives["original"]
+    with pytest.raises(WrapError, match="overwrite the original"):
+        wrap_mar(original, tmp_path, original.parent)
+    with pytest.raises(WrapError, match="already guarded"):
+        wrap_mar(archives["guarded"], tmp_path, tmp_path / "store", model_name="again")
+
+
+def test_reference_loading(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WrapError, match="no class sub-folders"):
+        load_reference(tmp_path / "empty")
+    np.savez(tmp_path / "bad.npz", x=np.zeros((2, 4, 4)))
+    with pytest.raises(WrapError, match="x .images. and y"):
+        load_reference(tmp_path / "bad.npz")
+    for name in ("cat", "dog"):
+        (tmp_path / "named" / name).mkdir(parents=True)
+        (tmp_path / "named" / name / "a.png").write_bytes(encode_png(np.full((4, 4), 0.5)))
+    ref = load_reference(tmp_path / "named")
+    assert ref.class_names == ["cat", "dog"] and ref.labels.tolist() == [0, 1]
+    np.savez(tmp_path / "ok.npz", x=np.random.default_rng(0).random((3, 8, 8, 3)), y=np.array([0, 1, 2]))
+    ref = load_reference(tmp_path / "ok.npz")
+    assert len(ref.payloads) == 3 and ref.payloads[0][:4] == b"\x89PNG"

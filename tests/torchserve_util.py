@@ -163,6 +163,9 @@ def write_config(workdir: Path, model_store: Path, ports: dict[str, int]) -> Pat
         "inference_address": f"http://127.0.0.1:{ports['inference']}",
         "management_address": f"http://127.0.0.1:{ports['management']}",
         "metrics_address": f"http://127.0.0.1:{ports['metrics']}",
+        # gRPC listens on 7070/7071 unless told otherwise; another server on the box would then kill this one
+        "grpc_inference_port": str(ports["grpc_inference"]),
+        "grpc_management_port": str(ports["grpc_management"]),
         "model_store": str(model_store),
         "metrics_config": str(METRICS_CONFIG),
     }
@@ -170,6 +173,8 @@ def write_config(workdir: Path, model_store: Path, ports: dict[str, int]) -> Pat
     for line in PROJECT_CONFIG.read_text().splitlines():
         key = line.split("=", 1)[0].strip()
         lines.append(f"{key}={replace[key]}" if key in replace and not line.lstrip().startswith("#") else line)
+    present = {line.split("=", 1)[0].strip() for line in lines if not line.lstrip().startswith("#")}
+    lines += [f"{key}={value}" for key, value in replace.items() if key not in present]
     path = workdir / "config.properties"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -183,8 +188,8 @@ class TorchServe:
     model_store: Path
     models: list[str]
     bin_dir: Path = Path(sys.executable).parent
-    ports: dict[str, int] = field(default_factory=lambda: {k: free_port() for k in ("inference", "management",
-                                                                                      "metrics")})
+    ports: dict[str, int] = field(default_factory=lambda: {k: free_port() for k in (
+        "inference", "management", "metrics", "grpc_inference", "grpc_management")})
     process: subprocess.Popen | None = None
     java_pid: int | None = None
 

@@ -26,6 +26,7 @@ from .layers import (
 )
 from .modelio import ModelLoadError, load_eager_model
 from .offline import detection_quality, score_batches
+from .packaging import add_wrap_arguments, run_wrap
 from .progress import Progress
 
 USER_ERRORS = (DataError, CalibrationError, LayerSelectionError, ModelLoadError, CaptureError, ValueError)
@@ -171,18 +172,18 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(f"threshold rule: {config.policy.describe()}, holdout fraction {config.holdout_fraction}")
     print(format_summary(artifact))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
-    if args.poisoned:
-        _evaluate(args, model, artifact, source, transform)
+    scored = _evaluate(args, model, artifact, source, transform) if args.poisoned else {}
     if args.report:
         from .report import write_report
 
-        index = write_report(args.report, artifact, model=model, reference=source, args=args)
+        index = write_report(args.report, artifact, model=model, reference=source, args=args, **scored)
         print(f"report: {index}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace, model: torch.nn.Module, artifact: CalibrationArtifact,
-              reference: ReferenceSource, transform: ImageTransform) -> None:
+              reference: ReferenceSource, transform: ImageTransform) -> dict:
+    """Print TPR/FPR/AUROC on known-poisoned images; return the scored sets for the report."""
     detector = artifact.detector(device=args.device)
     names = artifact.class_names
     poisoned_src = open_reference(args.poisoned, transform, names, args.x_key, args.y_key)
@@ -193,6 +194,8 @@ def _evaluate(args: argparse.Namespace, model: torch.nn.Module, artifact: Calibr
     quality = detection_quality(benign, poisoned, args.target_class)
     where = "held-out benign images" if args.benign_test else "the reference images (in-sample)"
     print(f"detection on known-poisoned images, FPR on {where}: {quality}")
+    label = "held-out benign" if args.benign_test else "reference (in-sample)"
+    return {"benign": benign, "benign_label": label, "poisoned": poisoned, "target_class": args.target_class}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,13 +216,6 @@ def layerguard_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="layerguard", description="Backdoor-input detection for TorchServe.")
     sub = p.add_subparsers(dest="command", required=True)
     add_calibrate_arguments(sub.add_parser("calibrate", help="calibrate an eager model on benign images"))
-    try:
-        from .packaging import add_wrap_arguments, run_wrap
-    except ImportError:  # packaging arrives with the serving work
-        run_wrap = None
-    else:
-        add_wrap_arguments(sub.add_parser("wrap", help="make a guarded .mar from an existing .mar"))
+    add_wrap_arguments(sub.add_parser("wrap", help="make a guarded .mar from an existing .mar"))
     args = p.parse_args(argv)
-    if args.command == "wrap" and run_wrap is not None:
-        return _guarded(run_wrap, args)
-    return _guarded(run_calibrate, args)
+    return _guarded(run_wrap if args.command == "wrap" else run_calibrate, args)

@@ -30,6 +30,7 @@ from .packaging import add_wrap_arguments, run_wrap
 from .progress import Progress
 
 USER_ERRORS = (DataError, CalibrationError, LayerSelectionError, ModelLoadError, CaptureError, ValueError)
+# (packaging.WrapError and artifact.ArtifactError are ValueErrors too)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -47,6 +48,10 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--weights", type=Path, help="state_dict saved with torch.save(model.state_dict())")
     model.add_argument("--model-class", help="class to use when the model file defines several")
     model.add_argument("--device", default="cpu", help="torch device for calibration (default: cpu)")
+    model.add_argument("--mar", type=Path,
+                       help="a TorchServe archive instead of --model-file/--weights: its own handler loads the "
+                            "model and preprocesses the reference images, so calibration sees what serving sees "
+                            "(`layerguard wrap` also builds the guarded archive)")
 
     data = p.add_argument_group("benign reference data")
     data.add_argument("--data", type=Path,
@@ -136,8 +141,10 @@ def format_summary(artifact: CalibrationArtifact) -> str:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    if args.mar is not None:
+        return _calibrate_mar(args)
     if args.model_file is None or args.weights is None:
-        raise DataError("--model-file and --weights are required")
+        raise DataError("--model-file and --weights (or --mar) are required")
     model = load_eager_model(args.model_file, args.weights, args.model_class, args.device)
     if args.data is None:
         raise DataError("--data is required: benign reference images")
@@ -178,6 +185,38 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
         index = write_report(args.report, artifact, model=model, reference=source, args=args, **scored)
         print(f"report: {index}")
+    return 0
+
+
+def _calibrate_mar(args: argparse.Namespace) -> int:
+    """Calibrate a .mar through its own handler; writes the artifact (and the report), not an archive."""
+    import tempfile
+
+    from .packaging import calibrate_archive, extract_mar, load_reference
+
+    if args.poisoned or args.list_layers:
+        raise DataError("--poisoned and --list-layers need --model-file/--weights; with --mar, calibrate only")
+    if args.data is None:
+        raise DataError("--data is required: benign reference images")
+    reference = load_reference(args.data)
+    with tempfile.TemporaryDirectory(prefix="layerguard-calibrate-") as scratch:
+        model_dir = Path(scratch)
+        manifest = extract_mar(args.mar, model_dir)
+        handler = (manifest.get("model") or {}).get("handler") or ""
+        progress = Progress(2 * len(reference.payloads), "calibrating (2 passes)", enabled=not args.quiet)
+        layers = [n.strip() for n in args.layers.split(",")] if args.layers else None
+        artifact = calibrate_archive(model_dir, manifest, handler, reference, threshold=_policy(args),
+                                     layers=layers, batch_size=args.batch_size,
+                                     holdout_fraction=args.holdout_fraction, min_per_class=args.min_per_class,
+                                     progress=progress)
+    path = artifact.save(args.output)
+    print(f"monitored layers: {', '.join(artifact.layer_names)}")
+    print(format_summary(artifact))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    if args.report:
+        from .report import write_report
+
+        print(f"report: {write_report(args.report, artifact)}")
     return 0
 
 

@@ -122,3 +122,22 @@ def test_wrong_weights(tmp_path, mnist_dir, mnist_npz):
     res = run_cli("--model-file", str(MODEL_FILE), "--weights", str(bad), "--channels", "1",
                   "--data", str(mnist_npz["ref"]), "-o", str(out), cwd=tmp_path)
     _assert_refused(res, out, "cannot read weights")
+
+
+def test_mar_input_calibrates_through_the_archives_own_handler(tmp_path, backdoored_mnist, mnist_dir, mnist_npz):
+    """The handler's preprocess and the CLI's image transform agree here, so both routes give one artifact."""
+    from layerguard.artifact import CalibrationArtifact
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from torchserve_util import build_original_mar
+
+    mar = build_original_mar(tmp_path / "mar", backdoored_mnist)
+    via_mar, via_files = tmp_path / "mar.npz", tmp_path / "files.npz"
+    res = run_cli("--mar", str(mar), "--data", str(mnist_npz["ref"]), "-o", str(via_mar), "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = run_cli(*base_args(mnist_dir), "--data", str(mnist_npz["ref"]), "-o", str(via_files), "--quiet",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    a, b = CalibrationArtifact.load(via_mar), CalibrationArtifact.load(via_files)
+    assert a.layer_names == b.layer_names and np.array_equal(a.loi, b.loi)
+    assert np.allclose(a.thresholds(), b.thresholds(), atol=1e-4)

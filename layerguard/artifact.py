@@ -91,21 +91,21 @@ class CalibrationArtifact:
             raise ArtifactError(
                 "calibration artifact was made for other model weights (fingerprint "
                 f"{self.meta['model_fingerprint'][:12]}..., this model {fingerprint[:12]}...). "
-                "Re-run calibrate.py on this model to make a matching artifact."
+                "Re-run `layerguard wrap` (or calibrate.py) on this model to make a matching artifact."
             )
         modules = dict(model.named_modules())
         missing = [n for n in self.layer_names if n not in modules]
         if missing:
             raise ArtifactError(
                 f"model has no layer(s) {', '.join(missing)} named in the calibration artifact. "
-                "Re-run calibrate.py on this model."
+                "Re-run `layerguard wrap` (or calibrate.py) on this model."
             )
 
     def check_output_classes(self, num_outputs: int) -> None:
         if num_outputs != self.num_classes:
             raise ArtifactError(
                 f"model outputs {num_outputs} classes but the artifact was calibrated for {self.num_classes}. "
-                "Re-run calibrate.py on this model."
+                "Re-run `layerguard wrap` (or calibrate.py) on this model."
             )
 
     # ---- file format --------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ class CalibrationArtifact:
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationArtifact:
         path = Path(path)
-        fix = "Re-run calibrate.py to make a new artifact."
+        fix = "Re-run `layerguard wrap` (or calibrate.py) to make a new artifact."
         if not path.is_file():
             raise ArtifactError(f"calibration artifact {path} not found. {fix}")
         try:
@@ -190,7 +190,7 @@ class CalibrationArtifact:
             problems.append("statistics do not match the class and layer counts")
         if problems:
             raise ArtifactError(f"calibration artifact {path} is inconsistent: {'; '.join(problems)}. "
-                                "Re-run calibrate.py.")
+                                "Re-run `layerguard wrap` (or calibrate.py).")
 
 
 def _content_digest(arrays: dict[str, np.ndarray]) -> str:

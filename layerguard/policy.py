@@ -17,6 +17,11 @@ from .detector import ThresholdPolicy
 
 SECTION = "layerguard"
 ACTIONS = ("annotate", "reject")
+ON_MISSING = ("refuse", "serve_unguarded")
+# Largest image (width x height) the guarded worker lets Pillow open: 25 MP covers a 24 MP camera photo and
+# bounds one decoded RGBA image at about 100 MB. Pillow's own default (89 MP warns, 179 MP raises) lets a
+# few kilobytes of PNG header claim gigabytes of pixels.
+DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
 KNOWN_KEYS = {
     "inner_handler": "the wrapped model's own handler (written by `layerguard wrap`)",
     "policy": "annotate (default) or reject",
@@ -24,6 +29,9 @@ KNOWN_KEYS = {
     "target_fpr": "threshold at this benign false-positive rate (overrides the calibrated policy)",
     "artifact": f"calibration artifact file in the archive (default {DEFAULT_FILENAME})",
     "reject_status": "HTTP status for a rejected input (default 403)",
+    "on_missing_calibration": "refuse (default: the model does not load) or serve_unguarded (serve without "
+                              "the detector when the artifact file is absent, with a loud warning)",
+    "max_image_pixels": f"largest image (width x height) a request may declare (default {DEFAULT_MAX_IMAGE_PIXELS})",
 }
 
 
@@ -38,10 +46,16 @@ class ServingPolicy:
     threshold: ThresholdPolicy | None = None  # None: the policy chosen at calibration
     artifact: str = DEFAULT_FILENAME
     reject_status: int = 403
+    on_missing_calibration: str = "refuse"
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     @property
     def rejects(self) -> bool:
         return self.action == "reject"
+
+    @property
+    def may_serve_unguarded(self) -> bool:
+        return self.on_missing_calibration == "serve_unguarded"
 
     def to_config(self) -> dict[str, Any]:
         """The `handler.layerguard` block that `parse_policy` reads back to this policy."""
@@ -52,6 +66,10 @@ class ServingPolicy:
             block["artifact"] = self.artifact
         if self.reject_status != 403:
             block["reject_status"] = self.reject_status
+        if self.on_missing_calibration != "refuse":
+            block["on_missing_calibration"] = self.on_missing_calibration
+        if self.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS:
+            block["max_image_pixels"] = self.max_image_pixels
         return block
 
 
@@ -94,8 +112,16 @@ def parse_policy(model_yaml_config: Mapping[str, Any] | None) -> ServingPolicy:
     if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 499:
         raise PolicyError("model-config.yaml: handler.layerguard.reject_status must be a 4xx code, "
                           f"got {status!r}")
+    on_missing = block.get("on_missing_calibration", "refuse")
+    if on_missing not in ON_MISSING:
+        raise PolicyError("model-config.yaml: handler.layerguard.on_missing_calibration must be one of "
+                          f"{', '.join(ON_MISSING)}, got {on_missing!r}")
+    pixels = block.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    if not isinstance(pixels, int) or isinstance(pixels, bool) or pixels < 1:
+        raise PolicyError("model-config.yaml: handler.layerguard.max_image_pixels must be a positive integer "
+                          f"(width x height), got {pixels!r}")
     return ServingPolicy(inner_handler=inner.strip(), action=action, threshold=threshold, artifact=artifact,
-                         reject_status=status)
+                         reject_status=status, on_missing_calibration=on_missing, max_image_pixels=pixels)
 
 
 def _number(block: Mapping[str, Any], key: str) -> float | None:

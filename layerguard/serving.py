@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -37,8 +38,12 @@ METRIC_CHECKED = "LayerGuardInputsChecked"
 METRIC_FLAGGED = "LayerGuardInputsFlagged"
 METRIC_ERRORS = "LayerGuardErrors"
 METRIC_LATENCY = "LayerGuardDetectionLatency"
+METRIC_INVALID = "LayerGuardInvalidInputs"
+METRIC_UNGUARDED = "LayerGuardUnguardedInputs"
 HEADER_POISONED = "X-LayerGuard-Poisoned"
 HEADER_SCORE = "X-LayerGuard-Score"
+HEADER_GUARDED = "X-LayerGuard-Guarded"
+BYTES_TYPES = (bytes, bytearray, memoryview)
 ANNOTATION_KEY = "layerguard"
 HANDLER_METHODS = ("initialize", "preprocess", "inference", "postprocess")
 
@@ -160,11 +165,16 @@ class LayerGuardHandler:
         self.policy = parse_policy(getattr(context, "model_yaml_config", None))
         self.inner = load_inner_handler(self.policy.inner_handler)
         self.inner.initialize(context)
+        limit_image_pixels(self.policy.max_image_pixels)  # after the inner handler: the policy's limit wins
         self.device = _device_of(self.inner, getattr(self.inner, "model", None))
+        artifact_path = Path(model_dir) / self.policy.artifact
+        if not artifact_path.is_file() and self.policy.may_serve_unguarded:
+            self._serve_unguarded(context, artifact_path)
+            return
         self.model = guardable_model(getattr(self.inner, "model", None), context.manifest or {}, model_dir,
                                      self.device)
         self.inner.model = self.model
-        self.artifact = CalibrationArtifact.load(Path(model_dir) / self.policy.artifact)
+        self.artifact = CalibrationArtifact.load(artifact_path)
         self.artifact.check_model(self.model)
         self.detector = self.artifact.detector(self.policy.threshold, device=self.device)
         self.capture = LayerCapture(self.model, self.artifact.layer_names)
@@ -174,6 +184,21 @@ class LayerGuardHandler:
         logger.info("layerguard: guarding %s at layers %s, policy %s, threshold %s", context.model_name,
                     ",".join(self.artifact.layer_names), self.policy.action,
                     (self.policy.threshold or self.artifact.policy).describe())
+
+    @property
+    def guarded(self) -> bool:
+        return self.detector is not None
+
+    def _serve_unguarded(self, context, artifact_path: Path) -> None:
+        """The owner asked for it (`on_missing_calibration: serve_unguarded`): serve the inner handler as it
+        is, say so loudly in the log, and mark every response and the metrics, so it cannot go unnoticed."""
+        self.model = getattr(self.inner, "model", None)
+        self.initialized = True
+        logger.error(
+            "layerguard: NO CALIBRATION ARTIFACT at %s. Model %s is served UNGUARDED because "
+            "handler.layerguard.on_missing_calibration is serve_unguarded: no input is checked for backdoor "
+            "triggers. Every response carries %s: false and is counted in %s. Build the archive with "
+            "`layerguard wrap` to guard it.", artifact_path, context.model_name, HEADER_GUARDED, METRIC_UNGUARDED)
 
     def _probe(self, context) -> None:
         """One forward pass on zeros of the calibrated input shape: proves at load time that the hooks fire
@@ -207,6 +232,8 @@ class LayerGuardHandler:
             for i in batch.open_items():
                 batch.fail(context, i, 500, "Internal Server Error", "layerguard failure", str(exc))
                 batch.errors += 1
+        for i in range(len(data)):
+            _set_header(context, i, HEADER_GUARDED, "true" if self.guarded else "false")
         self._emit_metrics(context, batch)
         return batch.responses
 
@@ -214,9 +241,13 @@ class LayerGuardHandler:
         groups: dict[Any, list[tuple[int, Any]]] = {}
         for i, row in enumerate(data):
             try:
-                x = self.inner.preprocess([row])
+                with image_bombs_are_errors():
+                    x = self.inner.preprocess([row])
             except Exception as exc:  # noqa: BLE001 - a bad input is the client's problem, not the batch's
-                batch.fail(context, i, 400, "Bad Request", "invalid input", _why(exc))
+                code, phrase, error, reason = input_failure(row, exc, _content_type(context, i),
+                                                            self.policy.max_image_pixels)
+                batch.invalid += 1
+                batch.fail(context, i, code, phrase, error, reason)
                 continue
             # Tensors of one shape are stacked into one forward pass; anything else runs on its own.
             stackable = isinstance(x, torch.Tensor) and x.dim() >= 1
@@ -228,32 +259,19 @@ class LayerGuardHandler:
             self._run_group(indices, inputs, context, batch)
 
     def _run_group(self, indices: list[int], inputs: Any, context, batch: _Batch) -> None:
+        """One forward pass for these items, then scoring, then the inner postprocess. Each stage that fails
+        answers all of the group's items with a 5xx (counted in LayerGuardErrors) and never an unchecked 200."""
         try:
-            self.capture.clear()
+            if self.capture is not None:
+                self.capture.clear()  # this group's activations only: nothing survives from an earlier pass
             output = self.inner.inference(inputs)
         except Exception as exc:  # noqa: BLE001
             logger.exception("layerguard: inner inference failed")
-            for i in indices:
-                batch.fail(context, i, 503, "Service Unavailable", "inference failed", _why(exc))
+            batch.fail_all(context, indices, 503, "Service Unavailable", "inference failed", _why(exc))
             return
-        start = time.perf_counter()
-        try:
-            logits = _logits(output)
-            if logits.shape[0] != len(indices):
-                raise ValueError(f"model returned {logits.shape[0]} rows for {len(indices)} inputs")
-            detection = self.detector.score(self.capture.features(), logits.argmax(dim=1))
-            notes = [detection.item(j, self.artifact.layer_names) for j in range(len(indices))]
-        except Exception as exc:  # noqa: BLE001 - fail closed for these items, keep the worker
-            logger.exception("layerguard: detection failed")
-            batch.errors += len(indices)
-            for i in indices:
-                batch.fail(context, i, 500, "Internal Server Error", "detection failed",
-                           _why(exc))
+        notes = self._detect(indices, output, context, batch) if self.guarded else [None] * len(indices)
+        if notes is None:
             return
-        finally:
-            batch.detect_seconds += time.perf_counter() - start
-        batch.checked += len(indices)
-        batch.flagged += sum(n["poisoned"] for n in notes)
         try:
             results = self.inner.postprocess(output)
             if not isinstance(results, list) or len(results) != len(indices):
@@ -262,13 +280,37 @@ class LayerGuardHandler:
                                  f"for {len(indices)} inputs")
         except Exception as exc:  # noqa: BLE001
             logger.exception("layerguard: inner postprocess failed")
-            for i in indices:
-                batch.fail(context, i, 503, "Service Unavailable", "postprocess failed", _why(exc))
+            batch.fail_all(context, indices, 503, "Service Unavailable", "postprocess failed", _why(exc))
             return
         for j, i in enumerate(indices):
             self._answer(i, results[j], notes[j], context, batch)
 
-    def _answer(self, i: int, result: Any, note: dict, context, batch: _Batch) -> None:
+    def _detect(self, indices: list[int], output: Any, context, batch: _Batch) -> list[dict] | None:
+        """Per-item verdicts from the hooked activations of this forward pass; None when scoring failed
+        (those items are then answered 500: fail closed)."""
+        start = time.perf_counter()
+        try:
+            logits = _logits(output)
+            if logits.shape[0] != len(indices):
+                raise ValueError(f"model returned {logits.shape[0]} rows for {len(indices)} inputs")
+            detection = self.detector.score(self.capture.features(), logits.argmax(dim=1))
+            return [detection.item(j, self.artifact.layer_names) for j in range(len(indices))]
+        except Exception as exc:  # noqa: BLE001 - fail closed for these items, keep the worker
+            logger.exception("layerguard: detection failed")
+            batch.fail_all(context, indices, 500, "Internal Server Error", "detection failed", _why(exc))
+            return None
+        finally:
+            batch.detect_seconds += time.perf_counter() - start
+
+    def _answer(self, i: int, result: Any, note: dict | None, context, batch: _Batch) -> None:
+        if note is None:
+            batch.unguarded += 1
+            unguarded = {"guarded": False, "reason": "no calibration artifact; served unguarded "
+                                                     "(on_missing_calibration: serve_unguarded)"}
+            batch.answer(i, {**result, ANNOTATION_KEY: unguarded} if isinstance(result, dict) else result)
+            return
+        batch.checked += 1
+        batch.flagged += int(bool(note["poisoned"]))
         _set_header(context, i, HEADER_POISONED, "true" if note["poisoned"] else "false")
         _set_header(context, i, HEADER_SCORE, f"{note['score']:.6f}")
         if note["poisoned"] and self.policy.rejects:
@@ -283,21 +325,19 @@ class LayerGuardHandler:
         batch.answer(i, {**result, ANNOTATION_KEY: note} if isinstance(result, dict) else result)
 
     def _emit_metrics(self, context, batch: _Batch) -> None:
+        """One line per metric and batch; each is recorded on its own, so a metrics config that lacks one
+        entry costs that metric only, and never a prediction."""
         metrics = getattr(context, "metrics", None)
         if metrics is None:
             return
-        try:
-            from ts.metrics.dimension import Dimension
-
-            def dims() -> list:  # a fresh list each call: ts appends to the list it is given
-                return [Dimension("ModelName", context.model_name), Dimension("Level", "Model")]
-
-            metrics.add_counter(METRIC_CHECKED, batch.checked, dimensions=dims())
-            metrics.add_counter(METRIC_FLAGGED, batch.flagged, dimensions=dims())
-            metrics.add_counter(METRIC_ERRORS, batch.errors, dimensions=dims())
-            metrics.add_time(METRIC_LATENCY, round(batch.detect_seconds * 1000.0, 3), dimensions=dims())
-        except Exception:  # noqa: BLE001 - metrics must never cost a prediction
-            logger.exception("layerguard: could not record metrics")
+        counters = {METRIC_CHECKED: batch.checked, METRIC_FLAGGED: batch.flagged, METRIC_ERRORS: batch.errors,
+                    METRIC_INVALID: batch.invalid}
+        if not self.guarded:
+            counters = {METRIC_UNGUARDED: batch.unguarded, METRIC_ERRORS: batch.errors, METRIC_INVALID: batch.invalid}
+        for name, value in counters.items():
+            _record(metrics, "add_counter", name, value, context.model_name)
+        if self.guarded:
+            _record(metrics, "add_time", METRIC_LATENCY, round(batch.detect_seconds * 1000.0, 3), context.model_name)
 
 
 class _Batch:
@@ -306,7 +346,9 @@ class _Batch:
     def __init__(self, size: int) -> None:
         self.responses: list[Any] = [None] * size
         self._answered = [False] * size
-        self.checked = self.flagged = self.errors = 0
+        # Every item lands in exactly one of: checked (a verdict was answered), invalid (4xx: the input could
+        # not be read), errors (5xx: the server failed), unguarded (answered without the detector).
+        self.checked = self.flagged = self.errors = self.invalid = self.unguarded = 0
         self.detect_seconds = 0.0
 
     def open_items(self) -> list[int]:
@@ -318,9 +360,99 @@ class _Batch:
         _set_header(context, i, "content-type", "application/json")
         self.answer(i, {"error": error, "reason": reason, **(extra or {})})
 
+    def fail_all(self, context, indices: list[int], code: int, phrase: str, error: str, reason: str) -> None:
+        """A server-side failure for every item of a group (counted as errors)."""
+        self.errors += len(indices)
+        for i in indices:
+            self.fail(context, i, code, phrase, error, reason)
+
     def answer(self, i: int, value: Any) -> None:
         self.responses[i] = value
         self._answered[i] = True
+
+
+# ---- bad input: what the client gets -----------------------------------------------------------------
+def limit_image_pixels(max_pixels: int) -> None:
+    """Cap what Pillow opens in this worker (the worker serves one model): an image whose header declares
+    more pixels is refused before any pixel is decoded."""
+    try:
+        from PIL import Image
+    except ImportError:  # the inner handler decodes without Pillow: nothing to cap here
+        return
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
+@contextlib.contextmanager
+def image_bombs_are_errors() -> Iterator[None]:
+    """Pillow only warns between MAX_IMAGE_PIXELS and twice that; inside this block the warning is an error,
+    so the cap is exact. (TorchServe calls a worker's handler from one thread, so this is safe.)"""
+    try:
+        from PIL import Image
+    except ImportError:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def input_failure(row: Any, exc: BaseException, content_type: str | None, max_pixels: int
+                  ) -> tuple[int, str, str, str]:
+    """(status, phrase, error, reason) for a request the inner preprocess could not read: 413 for an image
+    over the pixel cap, 415 for a body that TorchServe decoded as JSON or text (no bytes reached the
+    handler), 400 for anything else (empty, not an image, truncated). The reason quotes the exception."""
+    if _is_image_bomb(exc):
+        return (413, "Payload Too Large", "image too large",
+                f"{_why(exc).rstrip('. ')}. This server accepts images of at most {max_pixels} pixels "
+                "(handler.layerguard.max_image_pixels).")
+    if isinstance(row, dict) and row and not any(isinstance(v, BYTES_TYPES) for v in row.values()):
+        kind = ", ".join(sorted({type(v).__name__ for v in row.values()}))
+        return (415, "Unsupported Media Type", "unsupported media type",
+                f"the body was sent as {content_type or 'a non-binary type'} and reached the model's handler "
+                f"decoded ({kind}), which it could not read ({_why(exc)}). Send the image file itself, with "
+                "Content-Type image/png, image/jpeg or application/octet-stream.")
+    if isinstance(row, dict) and row and all(isinstance(v, BYTES_TYPES) and not len(v) for v in row.values()):
+        return 400, "Bad Request", "invalid input", "empty request body: send the image file as the body"
+    return 400, "Bad Request", "invalid input", _why(exc)
+
+
+def _is_image_bomb(exc: BaseException | None) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:
+        return False
+    seen = 0
+    while exc is not None and seen < 8:  # the inner handler may wrap Pillow's error in its own
+        if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _content_type(context, i: int) -> str | None:
+    """The Content-Type TorchServe recorded for request i (request header or body parameter)."""
+    try:
+        props = context.request_processor[i].get_request_properties()
+    except (AttributeError, IndexError, TypeError):
+        return None
+    for key, value in props.items():
+        if str(key).lower() == "content-type" and isinstance(value, str):
+            return value
+    for value in props.values():
+        if isinstance(value, dict) and isinstance(value.get("content-type"), str):
+            return value["content-type"]
+    return None
+
+
+def _record(metrics, method: str, name: str, value: float, model_name: str) -> None:
+    try:
+        from ts.metrics.dimension import Dimension
+
+        # a fresh list each call: ts appends to the list it is given
+        dims = [Dimension("ModelName", model_name), Dimension("Level", "Model")]
+        getattr(metrics, method)(name, value, dimensions=dims)
+    except Exception:  # noqa: BLE001 - metrics must never cost a prediction
+        logger.exception("layerguard: could not record metric %s", name)
 
 
 def _set_header(context, i: int, key: str, value: str) -> None:

@@ -192,6 +192,8 @@ class TorchServe:
         "inference", "management", "metrics", "grpc_inference", "grpc_management")})
     process: subprocess.Popen | None = None
     java_pid: int | None = None
+    env: dict[str, str] | None = None  # extra environment for the server and its workers (e.g. thread caps)
+    wait_for: list[str] | None = None  # models start() waits for (default: all); others may fail to load
 
     @property
     def url(self) -> str:
@@ -209,6 +211,7 @@ class TorchServe:
         env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(self.workdir / "logs"),
                "METRICS_LOCATION": str(self.workdir / "logs")}
         env.pop("TS_CONFIG_FILE", None)
+        env.update(self.env or {})
         cmd = [str(self.bin_dir / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(config),
                "--model-store", str(self.model_store), "--models", *self.models]
         self.process = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=open(self.workdir / "stdout.log", "wb"),
@@ -233,7 +236,9 @@ class TorchServe:
                 try:
                     models = requests.get(f"{self.url}/ping", headers=self.headers(), timeout=2)
                     if models.status_code == 200 and models.json().get("status") == "Healthy":
-                        if all(self.model_ready(m.split("=")[0]) for m in self.models):
+                        names = self.wait_for if self.wait_for is not None else [m.split("=")[0]
+                                                                                  for m in self.models]
+                        if all(self.model_ready(n) for n in names):
                             return
                 except (requests.ConnectionError, requests.Timeout, ValueError):
                     pass
@@ -249,6 +254,42 @@ class TorchServe:
             return False
         workers = resp.json()[0].get("workers", [])
         return any(w.get("status") == "READY" for w in workers)
+
+    def workers(self, name: str) -> list[dict]:
+        """The management API's view of a model's workers: id, pid, status (READY, UNLOADING, ...)."""
+        import requests
+
+        url = f"http://127.0.0.1:{self.ports['management']}/models/{name}"
+        resp = requests.get(url, headers=self.headers("management"), timeout=5)
+        resp.raise_for_status()
+        return resp.json()[0].get("workers", [])
+
+    def worker_pids(self, name: str, ready_only: bool = True) -> list[int]:
+        return [int(w["pid"]) for w in self.workers(name)
+                if w.get("pid") and (w.get("status") == "READY" or not ready_only)]
+
+    def wait_worker(self, name: str, not_pid: int | None = None, timeout: float = 60.0) -> int:
+        """PID of a READY worker of `name` (other than `not_pid`, e.g. after killing that one)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                pids = [p for p in self.worker_pids(name) if p != not_pid]
+            except Exception:  # noqa: BLE001 - the frontend may be busy while a worker restarts
+                pids = []
+            if pids:
+                return pids[0]
+            time.sleep(0.2)
+        raise TimeoutError(f"no READY worker for {name} after {timeout:.0f} s; see {self.workdir}/logs")
+
+    def metrics(self, model: str) -> dict[str, float]:
+        """Prometheus values of the metrics whose ModelName is `model` (name -> value)."""
+        import re
+
+        import requests
+
+        text = requests.get(self.metrics_url, timeout=10).text
+        pattern = rf'^(\w+)\{{ModelName="{re.escape(model)}",[^}}]*\}} ([0-9.eE+-]+)$'
+        return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
 
     def keys(self) -> dict:
         """key_file.json, written by TorchServe into the directory it was started from."""

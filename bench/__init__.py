@@ -1,0 +1,1 @@
+"""Benchmark code for layerguard: backdoored-model zoo, attacks, data helpers (not in the wheel)."""

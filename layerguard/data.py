@@ -85,6 +85,40 @@ class ReferenceSource:
         raise NotImplementedError
 
 
+def list_class_images(root: Path, class_names: Sequence[str] | None = None
+                      ) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
+    """(image path, class index) pairs under root/<class>/ and the class names in index order.
+
+    Folders are matched to `class_names` when given; otherwise they are sorted, numerically when every
+    folder name is an integer (then the names are the indices 0..max, as for digits)."""
+    if not root.is_dir():
+        raise DataError(f"reference folder {root} does not exist")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"reference folder {root} has no class subfolders (expected ROOT/<class>/<image>)")
+    if class_names is None:
+        if all(f.isdigit() for f in folders):
+            class_names = [str(i) for i in range(max(int(f) for f in folders) + 1)]
+        else:
+            class_names = folders
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        raise DataError(
+            f"class folder(s) {', '.join(unknown)} in {root} are not among the model's classes "
+            f"({', '.join(class_names)}); rename or remove them"
+        )
+    items = [
+        (path, index[name])
+        for name in folders
+        for path in sorted((root / name).iterdir())
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not items:
+        raise DataError(f"reference folder {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return items, tuple(class_names)
+
+
 class ImageFolderSource(ReferenceSource):
     """root/<class>/<image>: class folders are matched to `class_names` (or sorted: numerically when
     every folder name is an integer, as in 0..9)."""
@@ -92,31 +126,7 @@ class ImageFolderSource(ReferenceSource):
     def __init__(self, root: str | Path, transform: Transform, class_names: Sequence[str] | None = None) -> None:
         self.root = Path(root)
         self.transform = transform
-        if not self.root.is_dir():
-            raise DataError(f"reference folder {self.root} does not exist")
-        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not folders:
-            raise DataError(f"reference folder {self.root} has no class subfolders (expected ROOT/<class>/<image>)")
-        if class_names is None:
-            numeric = all(f.isdigit() for f in folders)
-            class_names = sorted(folders, key=int) if numeric else folders
-            if numeric:
-                class_names = [str(i) for i in range(max(int(f) for f in folders) + 1)]
-        self.class_names = tuple(class_names)
-        index = {name: i for i, name in enumerate(self.class_names)}
-        unknown = [f for f in folders if f not in index]
-        if unknown:
-            raise DataError(
-                f"class folder(s) {', '.join(unknown)} in {self.root} are not among the model's classes "
-                f"({', '.join(self.class_names)}); rename or remove them"
-            )
-        self.items: list[tuple[Path, int]] = []
-        for name in folders:
-            for path in sorted((self.root / name).iterdir()):
-                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                    self.items.append((path, index[name]))
-        if not self.items:
-            raise DataError(f"reference folder {self.root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.items, self.class_names = list_class_images(self.root, class_names)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -28,6 +28,7 @@ import yaml
 
 from .artifact import DEFAULT_FILENAME, CalibrationArtifact
 from .calibration import CalibrationConfig, calibrate
+from .data import DataError, list_class_images
 from .detector import ThresholdPolicy
 from .layers import all_module_outputs as _all_module_outputs
 from .layers import default_plan, discover_layers, explicit_plan
@@ -36,7 +37,6 @@ from .serving import guardable_model, load_inner_handler, model_dir_imports
 
 GUARD_HANDLER_FILE = "layerguard_handler.py"
 CONFIG_FILE = "model-config.yaml"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PACKAGE_DIR = Path(__file__).resolve().parent
 ENTRY_HANDLER = PACKAGE_DIR.parent / "handler.py"
 ENTRY_SOURCE = (
@@ -82,24 +82,15 @@ def load_reference(path: str | Path) -> ReferenceData:
 
 
 def _reference_folder(root: Path) -> ReferenceData:
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise WrapError(f"{root} has no class sub-folders (expected e.g. {root}/0/*.png, {root}/1/*.png)")
-    digits = all(p.name.isdigit() for p in classes)
-    if digits:
-        classes.sort(key=lambda p: int(p.name))
-    payloads, labels, sources = [], [], []
-    for index, folder in enumerate(classes):
-        label = int(folder.name) if digits else index
-        for file in sorted(folder.iterdir()):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                payloads.append(file.read_bytes())
-                labels.append(label)
-                sources.append(str(file))
-    if not payloads:
-        raise WrapError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-    names = None if digits else [p.name for p in classes]
-    return ReferenceData(payloads, np.asarray(labels, dtype=np.int64), names, sources)
+    """Raw bytes of every image: the handler's own preprocess decodes them, exactly as in serving."""
+    try:
+        items, class_names = list_class_images(root)
+    except DataError as exc:
+        raise WrapError(str(exc)) from exc
+    numeric = all(name.isdigit() for name in class_names)
+    return ReferenceData([path.read_bytes() for path, _ in items],
+                         np.asarray([label for _, label in items], dtype=np.int64),
+                         None if numeric else list(class_names), [str(path) for path, _ in items])
 
 
 def _reference_npz(path: Path) -> ReferenceData:

@@ -87,7 +87,7 @@ def test_refuses_to_overwrite_the_original_or_wrap_twice(archives, tmp_path):
 
 def test_reference_loading(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(WrapError, match="no class sub-folders"):
+    with pytest.raises(WrapError, match="no class subfolders"):
         load_reference(tmp_path / "empty")
     np.savez(tmp_path / "bad.npz", x=np.zeros((2, 4, 4)))
     with pytest.raises(WrapError, match="x .images. and y"):

@@ -1,0 +1,115 @@
+"""CIFAR ResNets whose forward-order block outputs are visible as modules.
+
+Why this layout: the layer-wise detector hooks "layers" = block outputs (stem, every BasicBlock after the
+residual add and ReLU, logits). Keeping each of them a named module (``stem``, ``layer1.0`` ... ``fc``)
+lets forward hooks reach them without rewriting ``forward``. Inputs are float [0, 1] NCHW; the CIFAR
+mean/std normalisation is the first module (``norm``) so callers never normalise themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std, stored as buffers so it moves with the model and is in the state_dict."""
+
+    def __init__(self, mean: tuple[float, ...] = CIFAR_MEAN, std: tuple[float, ...] = CIFAR_STD) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; its output (after add + ReLU) is one detector layer, so the ReLU ends forward."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        self.relu_out = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu_out(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """norm -> stem -> layer1..layerK -> pool -> fc; every child is called once, in this order."""
+
+    def __init__(self, blocks_per_stage: list[int], widths: list[int], num_classes: int = 10) -> None:
+        super().__init__()
+        self.norm = Normalize()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
+        in_planes = widths[0]
+        self.stage_names: list[str] = []
+        for i, (n, w) in enumerate(zip(blocks_per_stage, widths)):
+            stride = 1 if i == 0 else 2
+            layers = []
+            for j in range(n):
+                layers.append(BasicBlock(in_planes, w, stride if j == 0 else 1))
+                in_planes = w
+            name = f"layer{i + 1}"
+            setattr(self, name, nn.Sequential(*layers))
+            self.stage_names.append(name)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(self.norm(x))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return self.fc(self.pool(x))
+
+    def layer_names(self) -> list[str]:
+        """Qualified names of the detector layers in forward order: stem, each block, fc (logits)."""
+        names = ["stem"]
+        for stage in self.stage_names:
+            names += [f"{stage}.{j}" for j in range(len(getattr(self, stage)))]
+        return names + ["fc"]
+
+
+def resnet20(num_classes: int = 10) -> CifarResNet:
+    """ResNet-20 (3x3 blocks, 16/32/64): the zoo's model, small enough to train on 2 CPU cores."""
+    return CifarResNet([3, 3, 3], [16, 32, 64], num_classes)
+
+
+def resnet18_cifar(num_classes: int = 10) -> CifarResNet:
+    """ResNet-18 with a CIFAR stem (3x3 conv, no max-pool), 64..512: the anchor's model, used for timing."""
+    return CifarResNet([2, 2, 2, 2], [64, 128, 256, 512], num_classes)
+
+
+MODELS: dict[str, Callable[[int], CifarResNet]] = {"resnet20": resnet20, "resnet18_cifar": resnet18_cifar}
+
+
+def build_model(name: str = "resnet20", num_classes: int = 10) -> CifarResNet:
+    """Factory by name, so cached weights can record which architecture they belong to."""
+    try:
+        return MODELS[name](num_classes)
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}") from None

@@ -1,0 +1,400 @@
+"""Throughput and latency through a real TorchServe on 127.0.0.1: plain .mar vs the guarded .mar.
+
+Why this setup: the question a user asks is "what does wrapping my archive cost me in production?". So
+both archives hold the same CIFAR ResNet-20 with the same ordinary BaseHandler and the same batching
+config; the guarded one is made from the plain one by ``layerguard.packaging.wrap_mar`` (calibrated on 1,000
+benign test PNGs through the handler's own preprocess). One TorchServe serves both (one worker each), and
+the same closed-loop load (fixed concurrency, fixed request count, the same PNGs) is sent to each in
+alternation, plain-guarded-guarded-plain per round (ABBA), so drift on the shared machine hits both alike.
+Only loopback addresses are used; the server is stopped by PID at the end (tests/torchserve_util.py).
+
+Usage:  .venv/bin/python bench/serving_load.py [--requests 400] [--concurrency 8] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import models as bench_models  # noqa: E402
+from bench.benchutil import REPO_ROOT, command_line, log, machine_info, now_utc, write_result  # noqa: E402
+from bench.data import default_data_path, load_cifar  # noqa: E402
+from bench.overhead import load_bench_model, stratified  # noqa: E402
+from layerguard.packaging import ReferenceData, encode_png, wrap_mar  # noqa: E402
+
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+import torchserve_util  # noqa: E402
+from torchserve_util import TorchServe, free_port  # noqa: E402
+
+HANDLER_SOURCE = '''"""CIFAR-10 handler as a model owner would write it: PNG -> RGB float [0, 1] NCHW; top class."""
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from ts.torch_handler.base_handler import BaseHandler
+
+
+class CifarHandler(BaseHandler):
+    def preprocess(self, data):
+        images = []
+        for row in data:
+            payload = row.get("data") or row.get("body")
+            if isinstance(payload, str):
+                payload = payload.encode()
+            image = Image.open(io.BytesIO(payload)).convert("RGB")
+            if image.size != (32, 32):
+                image = image.resize((32, 32))
+            images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        return torch.stack(images).to(self.device)
+
+    def postprocess(self, data):
+        probs = torch.softmax(data.float(), dim=1)
+        top = probs.argmax(dim=1)
+        return [{"class": int(k), "probability": round(float(p[k]), 6)} for k, p in zip(top, probs)]
+'''
+
+MODEL_SOURCE = '''"""The one model class BaseHandler looks for; the architecture lives in cifar_resnet.py."""
+
+from cifar_resnet import CifarResNet
+
+
+class ResNet20(CifarResNet):
+    def __init__(self) -> None:
+        super().__init__([3, 3, 3], [16, 32, 64], 10)
+'''
+
+
+def build_plain_mar(out: Path, model: torch.nn.Module, name: str, batch_size: int, max_batch_delay: int) -> Path:
+    """An ordinary eager archive (model file + state_dict + extra file + handler + model-config.yaml)."""
+    files = out / f"{name}-files"
+    files.mkdir(parents=True, exist_ok=True)
+    (files / "cifar_resnet.py").write_text(inspect.getsource(bench_models))
+    (files / "cifar_model.py").write_text(MODEL_SOURCE)
+    (files / "cifar_handler.py").write_text(HANDLER_SOURCE)
+    torch.save(model.state_dict(), files / "cifar_model.pt")
+    config = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay, "minWorkers": 1, "maxWorkers": 1}
+    (files / "model-config.yaml").write_text(yaml.safe_dump(config))
+    tmp = out / "tmp"
+    tmp.mkdir(exist_ok=True)
+    cmd = [
+        str(Path(sys.executable).parent / "torch-model-archiver"),
+        "--model-name",
+        name,
+        "--version",
+        "1.0",
+        "--model-file",
+        str(files / "cifar_model.py"),
+        "--serialized-file",
+        str(files / "cifar_model.pt"),
+        "--extra-files",
+        str(files / "cifar_resnet.py"),
+        "--handler",
+        str(files / "cifar_handler.py"),
+        "--config-file",
+        str(files / "model-config.yaml"),
+        "--export-path",
+        str(out),
+        "--force",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "TMPDIR": str(tmp)})
+    return out / f"{name}.mar"
+
+
+def handler_cpu(mars: dict[str, Path], payloads: list[bytes], batches: tuple[int, ...], repeats: int
+                ) -> dict[str, Any]:
+    """CPU time per request of each archive's handler called in this process, without HTTP or the frontend.
+
+    Each archive is extracted and its handler built with a real ``ts.context.Context`` (as a worker does);
+    then ``handle`` is called on batches of PNG requests, the archives alternating. This isolates what the
+    worker spends per request, the part layerguard adds to, from the noise of the whole server.
+    """
+    from layerguard.packaging import extract_mar, set_requests, ts_context
+    from layerguard.serving import model_dir_imports
+
+    handlers = {}
+    scratch = Path(tempfile.mkdtemp(prefix="layerguard-handlers-"))
+    for name, mar in mars.items():
+        model_dir = scratch / name
+        model_dir.mkdir()
+        manifest = extract_mar(mar, model_dir)
+        config_name = manifest["model"].get("configFile")
+        config = yaml.safe_load((model_dir / config_name).read_text()) if config_name else {}
+        with model_dir_imports(model_dir):
+            context = ts_context(model_dir, manifest, config, batch_size=max(batches))
+            module = importlib.import_module(Path(manifest["model"]["handler"].split(":")[0]).stem)
+            classes = [c for c in vars(module).values()
+                       if inspect.isclass(c) and c.__module__ == module.__name__ and hasattr(c, "handle")]
+            if len(classes) != 1:
+                raise RuntimeError(f"{mar.name}: expected one handler class, found {len(classes)}")
+            handler = classes[0]()
+            handler.initialize(context)
+        handlers[name] = (handler, context)
+    out: dict[str, Any] = {}
+    for b in batches:
+        rows = [{"data": payloads[i % len(payloads)]} for i in range(b)]
+        times: dict[str, list[float]] = {n: [] for n in handlers}
+        for r in range(5 + repeats):
+            for name, (handler, context) in handlers.items():
+                set_requests(context, b)
+                t0 = time.thread_time()
+                result = handler.handle(rows, context)
+                if r >= 5:
+                    times[name].append(time.thread_time() - t0)
+                if len(result) != b:
+                    raise RuntimeError(f"{name} returned {len(result)} results for {b} requests")
+        med = {n: statistics.median(v) for n, v in times.items()}
+        out[str(b)] = {**{f"{n}_cpu_ms_per_request": 1000 * v / b for n, v in med.items()},
+                       "ratio": med["guarded"] / med["plain"], "repeats": repeats}
+        log(f"handler in process, batch {b}: plain {1000 * med['plain'] / b:.2f} ms/request, guarded "
+            f"{1000 * med['guarded'] / b:.2f} ms/request (x{med['guarded'] / med['plain']:.3f})")
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """utime + stime of a process (all its threads) from /proc; NaN when it cannot be read."""
+    if not pid:
+        return float("nan")
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def worker_pids(server: TorchServe, model: str) -> list[int]:
+    """PIDs of a model's workers, from the management API's describe-model answer."""
+    import requests
+
+    url = f"http://127.0.0.1:{server.ports['management']}/models/{model}"
+    resp = requests.get(url, headers=server.headers("management"), timeout=5)
+    resp.raise_for_status()
+    return [int(w["pid"]) for w in resp.json()[0].get("workers", []) if w.get("pid")]
+
+
+def cpu_snapshot(pids: dict[str, list[int]]) -> dict[str, float]:
+    snap = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+    snap["client"] = time.process_time()
+    return snap
+
+
+def load_phase(
+    url: str, headers: dict[str, str], payloads: list[bytes], requests_total: int, concurrency: int, timeout: float
+) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` clients send ``requests_total`` requests in all; latency per request."""
+    import requests
+
+    lock = threading.Lock()
+    counter = {"next": 0}
+    latencies: list[float] = []
+    errors: list[str] = []
+    flagged = [0]
+
+    def client() -> None:
+        with requests.Session() as s:
+            while True:
+                with lock:
+                    i = counter["next"]
+                    if i >= requests_total:
+                        return
+                    counter["next"] += 1
+                t0 = time.perf_counter()
+                body, error = None, None
+                try:
+                    r = s.post(url, data=payloads[i % len(payloads)], headers=headers, timeout=timeout)
+                    if r.status_code == 200:
+                        body = r.json()
+                    else:
+                        error = f"HTTP {r.status_code}"
+                except (requests.RequestException, ValueError) as exc:
+                    error = type(exc).__name__
+                dt = time.perf_counter() - t0
+                with lock:
+                    if error is None:
+                        latencies.append(dt)
+                        if isinstance(body, dict) and (body.get("layerguard") or {}).get("poisoned"):
+                            flagged[0] += 1
+                    else:
+                        errors.append(error)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {
+        "seconds": wall,
+        "ok": len(latencies),
+        "errors": requests_total - len(latencies),
+        "error_kinds": sorted(set(errors)),
+        "flagged": flagged[0],
+        "latencies": latencies,
+    }
+
+
+def combine(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    lat = [x for p in phases for x in p["latencies"]]
+    cpu = {k: sum(p["cpu_seconds"][k] for p in phases) for k in phases[0]["cpu_seconds"]} if phases else {}
+    done = max(1, sum(p["ok"] + p["errors"] for p in phases))
+    seconds = sum(p["seconds"] for p in phases)
+    ok = sum(p["ok"] for p in phases)
+    return {
+        "requests": sum(p["ok"] + p["errors"] for p in phases),
+        "ok": ok,
+        "errors": sum(p["errors"] for p in phases),
+        "error_kinds": sorted({k for p in phases for k in p["error_kinds"]}),
+        "flagged": sum(p["flagged"] for p in phases),
+        "rps": ok / seconds if seconds else float("nan"),
+        "rps_per_phase": [p["ok"] / p["seconds"] for p in phases],
+        "p50_ms": 1000 * percentile(lat, 50),
+        "p90_ms": 1000 * percentile(lat, 90),
+        "p99_ms": 1000 * percentile(lat, 99),
+        "mean_ms": 1000 * statistics.fmean(lat) if lat else float("nan"),
+        "cpu_ms_per_request": {k: 1000 * v / done for k, v in cpu.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--requests", type=int, default=400, help="requests per phase")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3, help="ABBA rounds (each runs both archives twice)")
+    p.add_argument("--warmup", type=int, default=50, help="unrecorded requests per archive first")
+    p.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize of both archives")
+    p.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay (ms) of both")
+    p.add_argument("--handler-repeats", type=int, default=100, help="repeats of the in-process handler timing")
+    p.add_argument("--worker-threads", type=int, default=1, help="OMP_NUM_THREADS of the TorchServe workers")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep archives and server logs here")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    t_start = time.time()
+    data = load_cifar(args.data or default_data_path())
+    ref_idx = stratified(data["y_test"], 100)
+    reference = ReferenceData(
+        [encode_png(x) for x in data["x_test"][ref_idx]],
+        data["y_test"][ref_idx],
+        None,
+        [f"x_test[{i}]" for i in ref_idx],
+    )
+    scored = np.setdiff1d(np.arange(len(data["y_test"])), ref_idx)
+    pick = np.random.default_rng(0).choice(scored, size=128, replace=False)
+    payloads = [encode_png(x) for x in data["x_test"][pick]]
+    model, source = load_bench_model("resnet20")
+
+    with tempfile.TemporaryDirectory(prefix="layerguard-load-") as tmp:
+        root = args.workdir or Path(tmp)
+        store = root / "model-store"
+        store.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        plain = build_plain_mar(store, model, "cifar_plain", args.batch_size, args.max_batch_delay)
+        wrapped = wrap_mar(plain, reference, store, model_name="cifar_guarded", force=True)
+        wrap_seconds = time.time() - t0
+        log(f"archives ready in {wrap_seconds:.0f}s: {plain.name}, {wrapped.mar_path.name}")
+        in_process = handler_cpu({"plain": plain, "guarded": wrapped.mar_path}, payloads, (1, 4, 8),
+                                 args.handler_repeats)
+        # One intra-op thread per worker (inherited by the workers): with several torch threads per worker on
+        # a shared 2-core machine, threads wait on each other and everything runs many times slower.
+        os.environ["OMP_NUM_THREADS"] = str(args.worker_threads)
+        # TorchServe also opens gRPC on 7070/7071 unless told otherwise: another server on the machine (a test
+        # run) would make this one exit at start, so give it free gRPC ports too, via its config template.
+        config = root / "config.template.properties"
+        config.write_text(torchserve_util.PROJECT_CONFIG.read_text() + f"\ngrpc_inference_port={free_port()}\n"
+                          f"grpc_management_port={free_port()}\n")
+        torchserve_util.PROJECT_CONFIG = config
+        server = TorchServe(root / "server", store, ["cifar_plain=cifar_plain.mar", "cifar_guarded=cifar_guarded.mar"])
+        t0 = time.time()
+        server.start(timeout=240)
+        startup = time.time() - t0
+        log(f"torchserve ready in {startup:.1f}s on {server.url}")
+        try:
+            headers = {**server.headers(), "Content-Type": "application/octet-stream"}
+            urls = {m: f"{server.url}/predictions/cifar_{m}" for m in ("plain", "guarded")}
+            for m in urls:
+                load_phase(urls[m], headers, payloads, args.warmup, args.concurrency, args.timeout)
+            pids = {"frontend": [server.java_pid] if server.java_pid else []}
+            for m in urls:
+                pids[f"worker_{m}"] = worker_pids(server, f"cifar_{m}")
+            phases: dict[str, list[dict[str, Any]]] = {"plain": [], "guarded": []}
+            for r in range(args.rounds):
+                for m in ("plain", "guarded", "guarded", "plain"):
+                    before = cpu_snapshot(pids)
+                    res = load_phase(urls[m], headers, payloads, args.requests, args.concurrency, args.timeout)
+                    after = cpu_snapshot(pids)
+                    res["cpu_seconds"] = {"worker": after[f"worker_{m}"] - before[f"worker_{m}"],
+                                          "frontend": after["frontend"] - before["frontend"],
+                                          "client": after["client"] - before["client"]}
+                    phases[m].append(res)
+                    log(
+                        f"round {r + 1} {m}: {res['ok'] / res['seconds']:.1f} rps, "
+                        f"p50 {1000 * percentile(res['latencies'], 50):.1f} ms, errors {res['errors']}"
+                    )
+        finally:
+            server.stop()
+    results: dict[str, Any] = {m: combine(v) for m, v in phases.items()}
+    results["guarded_rps_ratio"] = results["guarded"]["rps"] / results["plain"]["rps"]
+    results["guarded_p50_ratio"] = results["guarded"]["p50_ms"] / results["plain"]["p50_ms"]
+    results["guarded_p99_ratio"] = results["guarded"]["p99_ms"] / results["plain"]["p99_ms"]
+    payload = {
+        "command": command_line(),
+        "date": now_utc(),
+        "machine": machine_info(),
+        "seconds": round(time.time() - t_start, 1),
+        "setup": {
+            "model": "CIFAR ResNet-20",
+            "weights": source,
+            "workers_per_model": 1,
+            "worker_threads": args.worker_threads,
+            "batch_size": args.batch_size,
+            "max_batch_delay_ms": args.max_batch_delay,
+            "concurrency": args.concurrency,
+            "requests_per_phase": args.requests,
+            "rounds": args.rounds,
+            "order": "plain, guarded, guarded, plain (ABBA)",
+            "warmup_per_archive": args.warmup,
+            "calibration_images": len(reference.payloads),
+            "payload": "32x32 RGB PNG, 128 distinct test images",
+            "wrap_seconds": round(wrap_seconds, 1),
+            "startup_seconds": round(startup, 1),
+            "client": "python requests, one Session per client thread, same machine",
+        },
+        "results": results,
+        "handler_in_process": in_process,
+    }
+    path = write_result("serving_load", payload, args.out)
+    log(
+        f"guarded/plain rps {results['guarded_rps_ratio']:.3f}, p50 x{results['guarded_p50_ratio']:.3f}, "
+        f"p99 x{results['guarded_p99_ratio']:.3f}; wrote {path} ({payload['seconds']:.0f}s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

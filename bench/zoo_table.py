@@ -1,0 +1,93 @@
+"""Print the model-zoo table (clean accuracy / ASR / poisons / time per model) from the cached json files.
+
+Why a script: the numbers in bench/README.md must come from the files the training wrote, never be typed
+by hand. ``--readme`` rewrites the block between the zoo-table markers in bench/README.md in place.
+
+Usage: python bench/zoo_table.py [--out bench/weights] [--readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ORDER = ["clean", "badnets", "blended", "wanet", "sig", "adapblend"]
+BENCH = Path(__file__).resolve().parent
+BEGIN, END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
+TRIALS_BEGIN, TRIALS_END = "<!-- zoo-trials:begin -->", "<!-- zoo-trials:end -->"
+
+
+def _setting(meta: dict[str, Any]) -> str:
+    a = meta.get("attack")
+    if not a:
+        return "no attack"
+    keys = {
+        "badnets": ["size", "rate"],
+        "blended": ["alpha", "rate"],
+        "wanet": ["k", "s", "cross_ratio", "rate"],
+        "sig": ["delta", "f", "rate"],
+        "adapblend": ["alpha_train", "alpha_test", "rate", "cover_rate"],
+    }.get(a["name"], ["rate"])
+    text = ", ".join(f"{k}={a[k]:g}" if isinstance(a[k], float) else f"{k}={a[k]}" for k in keys if k in a)
+    return text + (", trigger after crop/flip" if meta.get("trigger_after_augment") else "")
+
+
+def zoo_table(weights_dir: Path) -> str:
+    """Markdown table, one row per ``<name>.json`` in ``weights_dir`` (known attacks first)."""
+    metas = {p.stem: json.loads(p.read_text()) for p in sorted(weights_dir.glob("*.json"))}
+    rank = {n: i for i, n in enumerate(ORDER)}
+    names = sorted(metas, key=lambda n: (rank.get(n.split("_")[0], len(ORDER)), n))
+    rows = [
+        "| model | attack setting | poisoned / cover train images | epochs | clean acc % | class-0 acc % | ASR % "
+        "| train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        m = metas[n]
+        asr = f"{100 * m['asr']:.2f}" if m.get("asr") is not None else "-"
+        per_class = m.get("clean_acc_per_class")
+        target_acc = f"{100 * per_class[m.get('target') or 0]:.1f}" if per_class else "-"
+        rows.append(
+            f"| {n} ({m.get('model', '?')}) | {_setting(m)} | {m.get('n_poison', 0)} / {m.get('n_cover', 0)} "
+            f"| {m['epochs']} | {100 * m['clean_acc']:.2f} | {target_acc} | {asr} | {m['seconds_train']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def replace_block(text: str, begin: str, end: str, body: str) -> str:
+    """Replace what lies between the ``begin`` and ``end`` markers of ``text`` (markers kept)."""
+    if begin not in text or end not in text:
+        raise ValueError(f"markers {begin} / {end} not found")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=BENCH / "weights", help="weights directory (default bench/weights)")
+    p.add_argument(
+        "--trials", type=Path, default=BENCH / "cache" / "trial", help="discarded settings (default bench/cache/trial)"
+    )
+    p.add_argument("--readme", action="store_true", help="rewrite the table blocks in bench/README.md")
+    args = p.parse_args(argv)
+    table = zoo_table(args.out)
+    print(table)
+    if args.readme:
+        readme = BENCH / "README.md"
+        try:
+            text = replace_block(readme.read_text(), BEGIN, END, table)
+            if args.trials.is_dir() and any(args.trials.glob("*.json")):
+                text = replace_block(text, TRIALS_BEGIN, TRIALS_END, zoo_table(args.trials))
+        except ValueError as exc:
+            print(f"{readme}: {exc}", file=sys.stderr)
+            return 1
+        readme.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Fast unit tests of the peer detectors (bench/peers.py) and the benchmark helpers, on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bench.detection import ROC_GRID, rates_at, reference_threshold, split_reference, summarise, tpr_at_fpr
+from bench.peers import Mahalanobis, ScaleUp, Strip
+
+
+class CornerModel(nn.Module):
+    """Class 0 with high confidence whenever the bottom-right 3x3 corner is white (a BadNets-like backdoor);
+    otherwise the class follows the input's content (the top-left pixels), so predictions vary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.Flatten()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        corner = x[:, :, -3:, -3:].mean(dim=(1, 2, 3))
+        content = self.pool(x[:, 0, :3, :3]) * 8.0  # [B, 9]
+        logits = torch.cat([1000.0 * (corner - 0.95)[:, None], content], dim=1)
+        return logits
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 8, generator=g) * 0.5
+
+
+def _trigger(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[:, :, -3:, -3:] = 1.0
+    return x
+
+
+# ---- protocol helpers ---------------------------------------------------------------------------------
+def test_split_reference_is_stratified_disjoint_and_deterministic() -> None:
+    labels = np.repeat(np.arange(4), 30)
+    ref, rest = split_reference(labels, per_class=5, seed=3)
+    assert len(ref) == 20 and len(rest) == 100
+    assert np.bincount(labels[ref]).tolist() == [5, 5, 5, 5]
+    assert not set(ref) & set(rest) and len(set(ref) | set(rest)) == 120
+    ref2, rest2 = split_reference(labels, per_class=5, seed=3)
+    assert np.array_equal(ref, ref2) and np.array_equal(rest, rest2)
+    with pytest.raises(ValueError):
+        split_reference(labels, per_class=31, seed=0)
+
+
+def test_reference_threshold_and_rates() -> None:
+    ref = np.arange(100, dtype=float)  # 0..99
+    thr = reference_threshold(ref, 0.05)
+    assert 4.0 < thr < 5.0
+    r = rates_at(thr, benign=np.array([0.0, 10, 20, 30]), attacks=np.array([-1.0, 1.0, 50.0]))
+    assert r == {"fpr": 0.25, "tpr": pytest.approx(2 / 3)}
+    assert np.isnan(rates_at(thr, np.array([1.0]), np.zeros(0))["tpr"])
+
+
+def test_tpr_at_fpr_reads_the_roc_at_or_below_the_fpr() -> None:
+    benign = np.arange(10, dtype=float)  # 0..9
+    attacks = np.array([-5.0, 0.5, 1.5, 20.0])
+    # at FPR 0 nothing benign may be flagged: threshold 0 -> only -5 flagged
+    # at FPR 0.1 one benign may be flagged: threshold 1 -> -5 and 0.5 flagged
+    assert tpr_at_fpr(benign, attacks, [0.0, 0.1, 0.2, 1.0]).tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert np.isnan(tpr_at_fpr(benign, np.zeros(0), 0.1)).all()
+
+
+def test_summarise_with_and_without_attacks() -> None:
+    rng = np.random.default_rng(0)
+    ref, ben, att = rng.normal(size=200), rng.normal(size=300), rng.normal(-3, 1, size=100)
+    s = summarise(ref, ben, att, passes=1, seconds=0.5)
+    assert s["auroc"] > 0.95 and s["n_attacks"] == 100
+    assert 0 <= s["ref_fpr_0.01"]["fpr"] <= 0.05 and s["ref_fpr_0.05"]["tpr"] > 0.8
+    assert len(s["roc"]["fpr"]) == len(ROC_GRID) == len(s["roc"]["tpr"])
+    json.dumps(s)  # results must be JSON-ready
+    clean = summarise(ref, ben, None, passes=1, seconds=0.1)
+    assert "auroc" not in clean and np.isnan(clean["ref_fpr_0.01"]["tpr"])
+
+
+# ---- peers --------------------------------------------------------------------------------------------
+def test_strip_gives_triggered_inputs_lower_entropy() -> None:
+    model = CornerModel().eval()
+    pool = _images(64, seed=1)
+    strip = Strip(model, pool, n=8, seed=0, batch=64)
+    assert strip.forward_passes == 9
+    benign, triggered = strip.score(_images(20, seed=2)), strip.score(_trigger(_images(20, seed=3)))
+    assert benign.shape == (20,) and triggered.shape == (20,)
+    assert triggered.max() < benign.min()
+    with pytest.raises(ValueError):
+        Strip(model, pool[:0])
+
+
+def test_scaleup_flags_consistent_predictions() -> None:
+    model = CornerModel().eval()
+    su = ScaleUp(model, batch=60)
+    assert su.forward_passes == 6
+    spc, pred = su.spc(_trigger(_images(10, seed=4)))
+    assert np.all(spc == 1.0) and np.all(pred == 0)  # the trigger survives amplification
+    ref_scores = su.fit(_images(50, seed=5), num_classes=10)
+    assert ref_scores.shape == (50,) and su.mean is not None and su.mean.shape == (10,)
+    benign, triggered = su.score(_images(30, seed=6)), su.score(_trigger(_images(30, seed=7)))
+    assert np.median(triggered) <= np.median(benign)
+
+
+def test_mahalanobis_scores_outliers_lower_and_runs_on_a_model() -> None:
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 5, size=(3, 4))
+    labels = np.repeat(np.arange(3), 40)
+    feats = torch.from_numpy(means[labels] + rng.normal(size=(120, 4)))
+    maha = Mahalanobis("pool").fit(feats, labels, 3)
+    inliers = maha.score_features(torch.from_numpy(means + 0.1), np.arange(3))
+    outliers = maha.score_features(torch.from_numpy(means + 6.0), np.arange(3))
+    assert np.all(outliers < inliers)
+    model = CornerModel().eval()
+    x = _images(12, seed=8)
+    with torch.no_grad():
+        f = model.pool(x[:, 0, :3, :3])
+    maha = Mahalanobis("pool").fit(f, np.arange(12) % 10, 10)
+    s = Mahalanobis.score(maha, model, x, batch=5)
+    assert s.shape == (12,) and np.all(np.isfinite(s))
+    with pytest.raises(RuntimeError):
+        Mahalanobis().score_features(feats, labels)
+
+
+# ---- the report ---------------------------------------------------------------------------------------
+def _fake_results(root: Path) -> None:
+    rng = np.random.default_rng(1)
+    det = {}
+    for name in ("layerguard", "Mahalanobis", "SCALE-UP", "STRIP"):
+        d = summarise(rng.normal(size=50), rng.normal(size=80), rng.normal(-2, 1, size=40), 1, 0.1)
+        det[name] = d
+    det["STRIP"]["n"] = 20
+    det["layerguard"]["tau"] = {t: {"fpr": 0.01, "tpr": 0.9} for t in ("1.5", "2", "2.5", "3")}
+    det["layerguard"]["policy_target_fpr"] = {q: {"fpr": 0.01, "tpr": 0.9} for q in ("0.01", "0.05")}
+    machine = {"cpu": "test cpu", "cores": 2, "os": "Linux", "python": "3", "torch": "2", "torch_threads": 1}
+    detection = {
+        "command": "x", "date": "today", "machine": machine, "seconds": 1.0, "data": "d.npz", "missing": ["sig"],
+        "protocol": {"reference_per_class": 5, "n_benign": 80, "n_scaleup": 80, "n_strip": 80, "strip_n": 20,
+                     "seed": 0, "target": 0, "calibration": "tau 2.5"},
+        "models": {"badnets": {"zoo": {"clean_acc": 0.9, "asr": 0.99}, "clean_acc_scored": 0.9, "asr_scored": 0.98,
+                               "n_successful": 40, "detectors": det}},
+    }
+    cal = {"command": "c", "date": "today", "machine": machine, "seconds": 2.0, "model": "resnet20", "batch": 100,
+           "threads": 1, "runs": [{"images": n, "seconds": 1.0, "images_per_s": 100.0, "peak_extra_mb": 50.0,
+                                   "peak_rss_mb": 300.0} for n in (500, 1000)]}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "detection.json").write_text(json.dumps(detection))
+    (root / "calibration_cost.json").write_text(json.dumps(cal))
+
+
+def test_render_builds_the_page_from_json_only(tmp_path: Path) -> None:
+    from bench.run_all import render
+
+    _fake_results(tmp_path / "results")
+    text = render(tmp_path / "results", tmp_path / "docs")
+    assert (tmp_path / "docs" / "benchmarks.md").read_text() == text
+    assert "99.46 / 1.22" in text  # the paper's anchor next to ours
+    assert "| BadNets | STRIP (N=20) | 1 |" in text
+    assert "Not evaluated (no trained weights when this ran): sig." in text
+    assert (tmp_path / "docs" / "img" / "detection_roc.png").stat().st_size > 0
+    assert (tmp_path / "docs" / "img" / "calibration_cost.png").stat().st_size > 0
+    assert "## Cost" not in text  # no overhead.json: its section is left out rather than invented
+
+
+# ---- helpers of the cost benchmarks -------------------------------------------------------------------
+def test_time_interleaved_and_ratios() -> None:
+    from bench.overhead import ratios, summary, time_interleaved
+
+    calls: list[str] = []
+    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1)
+    assert calls.count("a") == calls.count("b") == 5 and calls[:2] == ["a", "b"] and calls[2:4] == ["b", "a"]
+    assert len(times["a"]["wall"]) == len(times["a"]["cpu"]) == 4
+    s = summary({"wall": [0.001, 0.002, 0.003], "cpu": [0.001, 0.001, 0.001]})
+    assert s["median_ms"] == pytest.approx(2.0) and s["cpu_median_ms"] == pytest.approx(1.0)
+    r = ratios({"wall": [2.0, 4.0], "cpu": [1.1, 1.1]}, {"wall": [1.0, 2.0], "cpu": [1.0, 1.0]})
+    assert r["wall_median_paired_ratio"] == pytest.approx(2.0) and r["cpu_ratio_of_medians"] == pytest.approx(1.1)
+
+
+def test_calibration_stream_reads_one_batch_at_a_time(tmp_path: Path) -> None:
+    from bench.calibration_cost import interleaved_by_class, stream
+
+    labels = np.repeat(np.arange(3), 4)
+    idx = interleaved_by_class(labels, 6)
+    assert labels[idx].tolist() == [0, 1, 2, 0, 1, 2]
+    with pytest.raises(ValueError):
+        interleaved_by_class(labels, 15)
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    images.tofile(tmp_path / "x.u8")
+    batches = stream(tmp_path / "x.u8", np.arange(5), batch=2)
+    got = list(batches())
+    assert [len(y) for _, y in got] == [2, 2, 1]
+    assert torch.allclose(got[2][0][0], torch.from_numpy(images[4]).permute(2, 0, 1).float() / 255)
+    assert len(list(batches())) == 3  # calibrate() iterates twice
+
+
+def test_serving_load_combine_and_cpu_reading() -> None:
+    import os
+
+    from bench.serving_load import combine, cpu_seconds
+
+    phase = {"seconds": 2.0, "ok": 4, "errors": 0, "error_kinds": [], "flagged": 1,
+             "latencies": [0.01, 0.02, 0.03, 0.04], "cpu_seconds": {"worker": 0.008, "frontend": 0.004, "client": 0.0}}
+    c = combine([phase, {**phase, "seconds": 1.0}])
+    assert c["rps"] == pytest.approx(8 / 3) and c["requests"] == 8 and c["flagged"] == 2
+    assert c["p50_ms"] == pytest.approx(25.0) and c["cpu_ms_per_request"]["worker"] == pytest.approx(2.0)
+    assert cpu_seconds(os.getpid()) > 0 and np.isnan(cpu_seconds(None))
+
+
+def test_attack_is_rebuilt_with_the_training_settings() -> None:
+    from bench.detection import attack_from_meta
+
+    meta = {"attack": {"name": "wanet", "target": 0, "rate": 0.1, "k": 4, "s": 2.0, "seed": 4321,
+                       "unknown_note": "ignored"}}
+    assert attack_from_meta("wanet", meta).s == 2.0
+    assert attack_from_meta("wanet", None).s == 0.5  # no record: the attack's defaults

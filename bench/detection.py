@@ -137,15 +137,17 @@ def single_pass(
 ) -> dict[str, np.ndarray]:
     """One forward pass per image with hooks on layerguard's layers and the penultimate layer."""
     names = tuple(dict.fromkeys((*layers, PENULTIMATE)))
-    preds, scores, pen = [], [], []
+    preds, scores, pen, sims = [], [], [], []
     with LayerCapture(model, names) as cap:
         for xb, _ in _batches(x, np.zeros(len(x), dtype=np.int64), batch):
             logits, feats = cap.run(xb)
             det = detector.score({n: feats[n] for n in layers}, logits.argmax(dim=1))
             preds.append(det.predicted.numpy())
             scores.append(det.scores.numpy())
+            sims.append(det.similarities.numpy())
             pen.append(feats[PENULTIMATE].float().clone())
-    return {"pred": np.concatenate(preds), "score": np.concatenate(scores), "pen": torch.cat(pen)}
+    return {"pred": np.concatenate(preds), "score": np.concatenate(scores), "pen": torch.cat(pen),
+            "sims": np.concatenate(sims)}
 
 
 def attack_from_meta(name: str, meta: dict[str, Any] | None) -> Attack:
@@ -220,6 +222,15 @@ def evaluate_model(
             "fpr": float(flag_b.mean()),
             "tpr": float(flag_a.mean()) if len(flag_a) else float("nan"),
         }
+    if att is not None:
+        # Diagnostic: how well each monitored layer's similarity alone separates successful attacks from
+        # benign images predicted as the target (both measured against the target's centroids).
+        ben_t = ben["pred"] == TARGET
+        lg["layer_auroc"] = {
+            layer: auroc(ben["sims"][ben_t, k], att["sims"][success, k]) for k, layer in enumerate(plan.layers)
+        }
+        lg["window_target"] = [plan.layers[i] for i in range(max(0, artifact.loi[TARGET] - 2),
+                                                             artifact.loi[TARGET] + 1)]
     result["detectors"]["layerguard"] = lg
     log(f"[{name}] layerguard done ({t_cal:.0f}s calibration, {t_single:.0f}s scoring)")
 

@@ -215,7 +215,15 @@ def detection_section(det: dict[str, Any], img_ok: bool) -> list[str]:
                     "ASR % (scored)", "successful attacks scored"], rows)
     lines += ["", "Clean accuracy and ASR of the first two columns come from bench/weights/<attack>.json "
               "(bench/train.py); an attack whose ASR is low gives few successful attacks to detect, and its TPR "
-              "rows rest on that many images.", ""]
+              "rows rest on that many images."]
+    accs = [m["clean_acc_scored"] for m in models.values()]
+    if accs and max(accs) < 0.85:
+        lines += [f"These models are small and briefly trained (clean accuracy {pct(min(accs))}-{pct(max(accs))}% "
+                  "on the scored images; the paper's ResNet-18 is above 90%). With roughly a third of benign inputs "
+                  "misclassified, many benign inputs also sit far from their predicted class's centroids, which "
+                  "crowds the low-score tail that layerguard (and every feature-space detector) thresholds; read the "
+                  "numbers below with that in mind."]
+    lines += [""]
 
     # layerguard at tau and at target FPR
     lines += ["### layerguard: TPR / FPR (%) at each tau and at a target FPR", ""]
@@ -258,6 +266,21 @@ def detection_section(det: dict[str, Any], img_ok: bool) -> list[str]:
     lines += ["", "All rates in %. The clean model has no trigger: its rows show only the false-positive rate a "
               "detector costs on a model that is not backdoored. SCALE-UP's score takes few distinct values, "
               "so its measured FPR can sit well below the target.", ""]
+    with_layers = {a: m["detectors"]["layerguard"] for a, m in models.items()
+                   if "layer_auroc" in m["detectors"]["layerguard"]}
+    if with_layers:
+        layers = list(next(iter(with_layers.values()))["layer_auroc"])
+        lines += ["### Which monitored layer separates the attacks (diagnostic)", "",
+                  "AUROC of one layer's cosine similarity (to the target class's centroid) between successful "
+                  "attacks and benign images predicted as the target; **bold** = the layers in layerguard's score "
+                  "window for the target class (LOI-2..LOI).", ""]
+        rows = []
+        for a, lg in with_layers.items():
+            window = set(lg.get("window_target", []))
+            rows.append([ATTACK_LABEL.get(a, a), *[(f"**{num(lg['layer_auroc'].get(n))}**" if n in window
+                                                    else num(lg["layer_auroc"].get(n))) for n in layers]])
+        lines += table(["model", *layers], rows)
+        lines += [""]
     if img_ok:
         lines += ["![ROC curves per attack](img/detection_roc.png)", "",
                   "ROC per attack (log FPR axis; dots: layerguard at each tau).", ""]

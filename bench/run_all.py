@@ -203,8 +203,10 @@ def detection_section(det: dict[str, Any], img_ok: bool) -> list[str]:
         "(`addWeighted(x, 1, clean, 1)`, clipped); score = mean prediction entropy.",
         "",
     ]
-    if det.get("missing"):
-        lines += [f"Not evaluated (no trained weights when this ran): {', '.join(det['missing'])}.", ""]
+    missing = [a for a in ("clean", "badnets", "blended", "wanet", "sig", "adapblend") if a not in models]
+    missing += [a for a in det.get("missing", []) if a not in missing and a not in models]
+    if missing:
+        lines += [f"Not evaluated (no trained weights when this ran): {', '.join(missing)}.", ""]
     rows = []
     for a, m in models.items():
         z = m.get("zoo", {})

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .stats import quantile_threshold, window_matrix
 
 DEFAULT_TAU = 2.5
+MATMUL_MAX_CLASSES = 64  # up to here, scoring against all centroids at once is the cheaper way
 
 
 def layer_of_interest(mean_curve: np.ndarray, search_start: int) -> int:
@@ -118,7 +119,13 @@ class Detector:
         cols = []
         for name in self.layer_names:
             feats = features[name].to(self.device, torch.float32)
-            cols.append(F.cosine_similarity(feats, self.unit_centroids[name][classes], dim=1, eps=1e-12))
+            unit = self.unit_centroids[name]
+            if self.num_classes <= MATMUL_MAX_CLASSES:
+                # one BLAS call against every centroid beats gathering a [B, D] copy when classes are few
+                dots = (feats @ unit.T).gather(1, classes[:, None])[:, 0]
+            else:
+                dots = (feats * unit[classes]).sum(dim=1)
+            cols.append(dots / feats.norm(dim=1).clamp_min(1e-12))
         return torch.stack(cols, dim=1).cpu()
 
     def score(self, features: dict[str, torch.Tensor], predicted: torch.Tensor) -> Detection:

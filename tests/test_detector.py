@@ -83,3 +83,21 @@ def test_detector_refuses_out_of_range_prediction():
     det = Detector(("a",), {"a": torch.ones(2, 3)}, loi=np.array([0, 0]), thresholds=np.zeros(2))
     with pytest.raises(ValueError):
         det.score({"a": torch.ones(1, 3)}, torch.tensor([5]))
+
+
+def test_many_class_path_matches_few_class_path():
+    """Above MATMUL_MAX_CLASSES the detector gathers centroids instead; both give the same cosines."""
+    from layerguard.detector import MATMUL_MAX_CLASSES
+
+    gen = torch.Generator().manual_seed(0)
+    c = MATMUL_MAX_CLASSES + 6
+    centroids = {"a": torch.randn(c, 9, generator=gen)}
+    feats = {"a": torch.randn(5, 9, generator=gen)}
+    classes = torch.tensor([0, 3, c - 1, 7, 3])
+    many = Detector(("a",), centroids, loi=np.zeros(c, dtype=np.int64), thresholds=np.zeros(c))
+    few = Detector(("a",), {"a": centroids["a"][:MATMUL_MAX_CLASSES]}, loi=np.zeros(MATMUL_MAX_CLASSES,
+                   dtype=np.int64), thresholds=np.zeros(MATMUL_MAX_CLASSES))
+    expected = torch.nn.functional.cosine_similarity(feats["a"], centroids["a"][classes], dim=1)
+    assert torch.allclose(many.similarities(feats, classes)[:, 0], expected, atol=1e-6)
+    keep = classes < MATMUL_MAX_CLASSES
+    assert torch.allclose(few.similarities({"a": feats["a"][keep]}, classes[keep])[:, 0], expected[keep], atol=1e-6)

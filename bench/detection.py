@@ -158,6 +158,45 @@ def attack_from_meta(name: str, meta: dict[str, Any] | None) -> Attack:
     return build_attack(name, **{k: v for k, v in params.items() if k in accepted and k != "self"})
 
 
+LAYERGUARD_NO_LOGITS = "layerguard --exclude-logits"
+
+
+def layerguard_result(
+    artifact, runs: dict[str, dict[str, np.ndarray] | None], y_ref: np.ndarray, success: np.ndarray, seconds: float
+) -> dict[str, Any]:
+    """layerguard's rows for one calibration: standardised scores for ROC and reference quantiles, the tau
+    rows, the artifact's own target-FPR thresholds and, with attacks, each layer's AUROC (diagnostic)."""
+    ref, ben, att = runs["ref"], runs["ben"], runs["att"]
+    layers = artifact.layer_names
+
+    def z(scores: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        return (scores - artifact.score_mean[pred]) / np.maximum(artifact.score_std[pred], 1e-12)
+
+    held = StratifiedSplit(NUM_CLASSES, 0.5).held_out(y_ref)  # the threshold half, as calibrate() split it
+    z_ref, z_ben = z(ref["score"], ref["pred"])[held], z(ben["score"], ben["pred"])
+    z_att = z(att["score"], att["pred"])[success] if att is not None else None
+    lg = summarise(z_ref, z_ben, z_att, 1, seconds)
+    lg["tau"] = {f"{t:g}": rates_at(-t, z_ben, z_att if z_att is not None else np.zeros(0)) for t in TAUS}
+    lg["policy_target_fpr"] = {}
+    for q in TARGET_FPRS:
+        thr = artifact.thresholds(ThresholdPolicy(tau=None, target_fpr=q))
+        flag_b = ben["score"] < thr[ben["pred"]]
+        flag_a = (att["score"] < thr[att["pred"]])[success] if att is not None else np.zeros(0, dtype=bool)
+        lg["policy_target_fpr"][f"{q:g}"] = {
+            "fpr": float(flag_b.mean()),
+            "tpr": float(flag_a.mean()) if len(flag_a) else float("nan"),
+        }
+    if att is not None:
+        # Diagnostic: how well each monitored layer's similarity alone separates successful attacks from
+        # benign images predicted as the target (both measured against the target's centroids).
+        ben_t = ben["pred"] == TARGET
+        lg["layer_auroc"] = {
+            layer: auroc(ben["sims"][ben_t, k], att["sims"][success, k]) for k, layer in enumerate(layers)
+        }
+        lg["window_target"] = [layers[i] for i in range(max(0, artifact.loi[TARGET] - 2), artifact.loi[TARGET] + 1)]
+    return lg
+
+
 def evaluate_model(
     name: str,
     model: torch.nn.Module,
@@ -178,7 +217,8 @@ def evaluate_model(
 
     # layerguard: calibrate on the reference images exactly as shipped
     t0 = time.time()
-    plan = default_plan(discover_layers(model, to_tensor(x_ref[:2]).contiguous(memory_format=torch.channels_last)))
+    candidates = discover_layers(model, to_tensor(x_ref[:2]).contiguous(memory_format=torch.channels_last))
+    plan = default_plan(candidates)
     config = CalibrationConfig(policy=ThresholdPolicy(tau=2.5), holdout_fraction=0.5, min_per_class=10)
     artifact = calibrate(model, lambda: _batches(x_ref, y_ref, args.batch), plan, NUM_CLASSES, config)
     t_cal = time.time() - t0
@@ -204,35 +244,33 @@ def evaluate_model(
         "calibration_seconds": round(t_cal, 1),
         "detectors": {},
     }
-
-    def z(scores: np.ndarray, pred: np.ndarray) -> np.ndarray:
-        return (scores - artifact.score_mean[pred]) / np.maximum(artifact.score_std[pred], 1e-12)
-
-    held = StratifiedSplit(NUM_CLASSES, 0.5).held_out(y_ref)  # the threshold half, as calibrate() split it
-    z_ref, z_ben = z(ref["score"], ref["pred"])[held], z(ben["score"], ben["pred"])
-    z_att = z(att["score"], att["pred"])[success] if att is not None else None
-    lg = summarise(z_ref, z_ben, z_att, 1, t_cal + t_single * len(x_ben) / n_single)
-    lg["tau"] = {f"{t:g}": rates_at(-t, z_ben, z_att if z_att is not None else np.zeros(0)) for t in TAUS}
-    lg["policy_target_fpr"] = {}
-    for q in TARGET_FPRS:
-        thr = artifact.thresholds(ThresholdPolicy(tau=None, target_fpr=q))
-        flag_b = ben["score"] < thr[ben["pred"]]
-        flag_a = (att["score"] < thr[att["pred"]])[success] if att is not None else np.zeros(0, dtype=bool)
-        lg["policy_target_fpr"][f"{q:g}"] = {
-            "fpr": float(flag_b.mean()),
-            "tpr": float(flag_a.mean()) if len(flag_a) else float("nan"),
-        }
-    if att is not None:
-        # Diagnostic: how well each monitored layer's similarity alone separates successful attacks from
-        # benign images predicted as the target (both measured against the target's centroids).
-        ben_t = ben["pred"] == TARGET
-        lg["layer_auroc"] = {
-            layer: auroc(ben["sims"][ben_t, k], att["sims"][success, k]) for k, layer in enumerate(plan.layers)
-        }
-        lg["window_target"] = [plan.layers[i] for i in range(max(0, artifact.loi[TARGET] - 2),
-                                                             artifact.loi[TARGET] + 1)]
-    result["detectors"]["layerguard"] = lg
+    runs = {"ref": ref, "ben": ben, "att": att}
+    single_seconds = t_single * len(x_ben) / n_single
+    result["detectors"]["layerguard"] = layerguard_result(artifact, runs, y_ref, success, t_cal + single_seconds)
     log(f"[{name}] layerguard done ({t_cal:.0f}s calibration, {t_single:.0f}s scoring)")
+
+    # layerguard --exclude-logits: its own calibration, scored on the similarities of the same forward pass
+    # (its layers are the default window less the last, and the centroids of the shared layers are the same)
+    t0 = time.time()
+    plan_nl = default_plan(candidates, exclude_logits=True)
+    artifact_nl = calibrate(model, lambda: _batches(x_ref, y_ref, args.batch), plan_nl, NUM_CLASSES, config)
+    if plan_nl.layers != plan.layers[: len(plan_nl.layers)] or not all(
+        np.allclose(artifact_nl.centroids[n], artifact.centroids[n]) for n in plan_nl.layers
+    ):
+        raise RuntimeError("--exclude-logits calibration does not share the default window's centroids")
+    detector_nl = artifact_nl.detector(ThresholdPolicy(tau=2.5))
+
+    def rescored(run: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        if run is None:
+            return None
+        sims = run["sims"][:, : len(plan_nl.layers)]
+        det = detector_nl.score_similarities(torch.from_numpy(sims), torch.from_numpy(run["pred"]))
+        return {**run, "sims": sims, "score": det.scores.numpy()}
+
+    nl_runs = {k: rescored(r) for k, r in runs.items()}
+    nl = layerguard_result(artifact_nl, nl_runs, y_ref, success, time.time() - t0 + single_seconds)
+    nl["loi"] = [plan_nl.layers[i] for i in artifact_nl.loi]
+    result["detectors"][LAYERGUARD_NO_LOGITS] = nl
 
     # Mahalanobis on the penultimate features of the same pass
     t0 = time.time()

@@ -99,7 +99,7 @@ class Guarded:
         with torch.no_grad():
             logits = self.model(x)
         det = self.detector.score(self.capture.features(), logits.argmax(dim=1))
-        return [det.item(j, self.detector.layer_names) for j in range(len(x))]
+        return det.items(self.detector.layer_names)
 
 
 def plain_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

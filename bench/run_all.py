@@ -42,7 +42,9 @@ QUICK_ARGS = {
 }
 # The paper's recorded figures (REFERENCE.md): CIFAR-10, ResNet-18, input-aware dynamic attack, 5 runs.
 PAPER = {"1.5": (99.87, 9.00), "2": (99.74, 3.42), "2.5": (99.46, 1.22), "3": (95.28, 0.24)}
-DETECTOR_ORDER = ["layerguard", "Mahalanobis", "SCALE-UP", "STRIP"]
+NO_LOGITS = "layerguard --exclude-logits"
+DETECTOR_ORDER = ["layerguard", NO_LOGITS, "Mahalanobis", "SCALE-UP", "STRIP"]
+LAYERGUARD_VARIANTS = ["layerguard", NO_LOGITS]
 ATTACK_LABEL = {"clean": "clean (no backdoor)", "badnets": "BadNets", "blended": "Blended", "wanet": "WaNet",
                 "sig": "SIG", "adapblend": "Adap-Blend"}
 
@@ -230,14 +232,19 @@ def detection_section(det: dict[str, Any], img_ok: bool) -> list[str]:
     # layerguard at tau and at target FPR
     lines += ["### layerguard: TPR / FPR (%) at each tau and at a target FPR", ""]
     hdr = ["model"] + [f"tau {t}" for t in PAPER] + ["target FPR 1%", "target FPR 5%", "AUROC"]
+    hdr.insert(1, "calibration")
     rows = []
     for a, m in models.items():
-        lg = m["detectors"]["layerguard"]
-        cells = [f"{pct(lg['tau'][t]['tpr'])} / {pct(lg['tau'][t]['fpr'])}" for t in PAPER]
-        cells += [f"{pct(lg['policy_target_fpr'][q]['tpr'])} / {pct(lg['policy_target_fpr'][q]['fpr'])}"
-                  for q in ("0.01", "0.05")]
-        rows.append([ATTACK_LABEL.get(a, a), *cells, num(lg.get("auroc"))])
-    rows.append(["**paper** (ResNet-18, input-aware dynamic, 5 runs)",
+        for variant in LAYERGUARD_VARIANTS:
+            lg = m["detectors"].get(variant)
+            if lg is None:
+                continue
+            cells = [f"{pct(lg['tau'][t]['tpr'])} / {pct(lg['tau'][t]['fpr'])}" for t in PAPER]
+            cells += [f"{pct(lg['policy_target_fpr'][q]['tpr'])} / {pct(lg['policy_target_fpr'][q]['fpr'])}"
+                      for q in ("0.01", "0.05")]
+            label = "default" if variant == "layerguard" else "`--exclude-logits`"
+            rows.append([ATTACK_LABEL.get(a, a), label, *cells, num(lg.get("auroc"))])
+    rows.append(["**paper** (ResNet-18, input-aware dynamic, 5 runs)", "default",
                  *[f"{PAPER[t][0]:.2f} / {PAPER[t][1]:.2f}" for t in PAPER], "n/a", "n/a", "n/a"])
     lines += table(hdr, rows)
     lines += ["", "Cells are TPR / FPR in %. Tau rows flag score < mean_c - tau * std_c of the predicted class "
@@ -387,6 +394,16 @@ def serving_section(sl: dict[str, Any]) -> list[str]:
     return lines
 
 
+def no_logits_note(model_result: dict[str, Any]) -> str:
+    """The `--exclude-logits` variant's headline numbers for one model, or nothing when it was not run."""
+    nl = model_result["detectors"].get(NO_LOGITS)
+    if not nl:
+        return ""
+    t = nl["tau"]["2.5"]
+    return (f"; with `--exclude-logits`: tau 2.5 TPR {pct(t['tpr'])}% at FPR {pct(t['fpr'])}%, AUROC "
+            f"{num(nl.get('auroc'))}, TPR {pct(nl.get('roc_tpr_at_0.01'))}% at 1% FPR")
+
+
 def headline_section(det: dict[str, Any] | None, ov: dict[str, Any] | None, sl: dict[str, Any] | None
                      ) -> list[str]:
     """A few sentences computed from the results: what a reader should take away first."""
@@ -396,9 +413,12 @@ def headline_section(det: dict[str, Any] | None, ov: dict[str, Any] | None, sl: 
             lg = m["detectors"]["layerguard"]
             t = lg["tau"]["2.5"]
             if a == "clean":
-                lines.append(f"- {ATTACK_LABEL[a]}: layerguard (tau 2.5) flags {pct(t['fpr'])}% of benign images.")
+                nl = m["detectors"].get(NO_LOGITS)
+                also = f" ({pct(nl['tau']['2.5']['fpr'])}% with `--exclude-logits`)" if nl else ""
+                lines.append(f"- {ATTACK_LABEL[a]}: layerguard (tau 2.5) flags {pct(t['fpr'])}%{also} of benign "
+                             "images.")
                 continue
-            peers = {n: d.get("roc_tpr_at_0.01") for n, d in m["detectors"].items() if n != "layerguard"}
+            peers = {n: d.get("roc_tpr_at_0.01") for n, d in m["detectors"].items() if n not in LAYERGUARD_VARIANTS}
             best = max(peers, key=lambda n: -1 if peers[n] is None or math.isnan(peers[n]) else peers[n])
             note = ""
             asr = m.get("asr_scored")
@@ -407,7 +427,7 @@ def headline_section(det: dict[str, Any] | None, ov: dict[str, Any] | None, sl: 
             lines.append(
                 f"- {ATTACK_LABEL.get(a, a)}{note}: layerguard tau 2.5 TPR {pct(t['tpr'])}% at FPR {pct(t['fpr'])}%, "
                 f"AUROC {num(lg.get('auroc'))}, TPR {pct(lg.get('roc_tpr_at_0.01'))}% at 1% FPR; best peer at 1% "
-                f"FPR: {best} {pct(peers[best])}% (AUROC {num(m['detectors'][best].get('auroc'))})."
+                f"FPR: {best} {pct(peers[best])}% (AUROC {num(m['detectors'][best].get('auroc'))}){no_logits_note(m)}."
             )
         lines.append("- The paper's anchor: TPR 99.46% at FPR 1.22% (tau 2.5; ResNet-18, input-aware dynamic attack).")
     if ov:

@@ -21,8 +21,8 @@ from .layers import (
     all_module_outputs,
     default_plan,
     discover_layers,
-    explicit_plan,
     format_layer_table,
+    plan_for,
 )
 from .modelio import ModelLoadError, load_eager_model
 from .offline import detection_quality, score_batches
@@ -70,6 +70,9 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     method = p.add_argument_group("method")
     method.add_argument("--layers", help="comma-separated module names to monitor, in forward order "
                         "(default: stage outputs L/2..L found by tracing one forward pass)")
+    method.add_argument("--exclude-logits", action="store_true",
+                        help="leave the model's output layer out of the default window and the LOI search "
+                        "(see docs/method.md: helps when the LOI lands on the logits for every class)")
     method.add_argument("--list-layers", action="store_true",
                         help="print the model's candidate layers (and every usable module name) and exit")
     thr = method.add_mutually_exclusive_group()
@@ -152,18 +155,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
     source = open_reference(args.data, transform, _class_names(args), args.x_key, args.y_key)
     source.validate()
     sample = next(source.batches(1))[0].to(args.device)
-    candidates = discover_layers(model, sample)
     if args.list_layers:
-        plan = default_plan(candidates)
+        candidates = discover_layers(model, sample)
+        plan = default_plan(candidates, exclude_logits=args.exclude_logits)
         print("Candidate layers (stage outputs, forward order; * = monitored by default):")
         print(format_layer_table(candidates, plan))
         print("\nEvery module --layers may name:")
         print(format_layer_table(all_module_outputs(model, sample)))
         return 0
-    if args.layers:
-        plan = explicit_plan([n.strip() for n in args.layers.split(",")], all_module_outputs(model, sample))
-    else:
-        plan = default_plan(candidates)
+    layers = [n.strip() for n in args.layers.split(",")] if args.layers else None
+    plan = plan_for(model, sample, layers, exclude_logits=args.exclude_logits)
     with torch.no_grad():
         num_outputs = model(sample).shape[-1]
     if num_outputs != len(source.class_names):
@@ -206,7 +207,8 @@ def _calibrate_mar(args: argparse.Namespace) -> int:
         progress = Progress(2 * len(reference.payloads), "calibrating (2 passes)", enabled=not args.quiet)
         layers = [n.strip() for n in args.layers.split(",")] if args.layers else None
         artifact = calibrate_archive(model_dir, manifest, handler, reference, threshold=_policy(args),
-                                     layers=layers, batch_size=args.batch_size,
+                                     layers=layers, exclude_logits=args.exclude_logits,
+                                     batch_size=args.batch_size,
                                      holdout_fraction=args.holdout_fraction, min_per_class=args.min_per_class,
                                      progress=progress)
     path = artifact.save(args.output)

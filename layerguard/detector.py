@@ -81,13 +81,22 @@ class Detection:
 
     def item(self, i: int, layer_names: tuple[str, ...]) -> dict:
         """JSON-ready annotation for one item."""
-        return {
-            "poisoned": bool(self.poisoned[i]),
-            "score": float(self.scores[i]),
-            "threshold": float(self.thresholds[i]),
-            "layer_of_interest": layer_names[int(self.layer_of_interest[i])],
-            "similarities": {n: float(s) for n, s in zip(layer_names, self.similarities[i].tolist())},
-        }
+        return self.items(layer_names)[i]
+
+    def items(self, layer_names: tuple[str, ...]) -> list[dict]:
+        """JSON-ready annotations for the whole batch: one conversion to Python lists, not one per value."""
+        poisoned, scores = self.poisoned.tolist(), self.scores.tolist()
+        thresholds, lois, sims = self.thresholds.tolist(), self.layer_of_interest.tolist(), self.similarities.tolist()
+        return [
+            {
+                "poisoned": poisoned[i],
+                "score": scores[i],
+                "threshold": thresholds[i],
+                "layer_of_interest": layer_names[lois[i]],
+                "similarities": dict(zip(layer_names, sims[i])),
+            }
+            for i in range(len(poisoned))
+        ]
 
 
 class Detector:
@@ -114,25 +123,38 @@ class Detector:
         self.num_classes = len(self.loi)
 
     def similarities(self, features: dict[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
-        """[B, K] cosine similarity of each item's features to its class's centroid at every layer."""
+        """[B, K] cosine similarity of each item's features to its class's centroid at every layer.
+
+        Two tensor ops per layer (dot products, norms) and a constant few for the batch: at serving batch
+        sizes the per-op dispatch, not the arithmetic, is what scoring costs."""
         classes = classes.to(self.device, torch.int64)
-        cols = []
-        for name in self.layer_names:
-            feats = features[name].to(self.device, torch.float32)
-            unit = self.unit_centroids[name]
-            if self.num_classes <= MATMUL_MAX_CLASSES:
-                # one BLAS call against every centroid beats gathering a [B, D] copy when classes are few
-                dots = (feats @ unit.T).gather(1, classes[:, None])[:, 0]
-            else:
-                dots = (feats * unit[classes]).sum(dim=1)
-            cols.append(dots / feats.norm(dim=1).clamp_min(1e-12))
-        return torch.stack(cols, dim=1).cpu()
+        feats = [features[name].to(self.device, torch.float32) for name in self.layer_names]
+        if self.num_classes <= MATMUL_MAX_CLASSES:
+            # one BLAS call per layer against every centroid beats gathering a [B, D] copy when classes are few
+            every = torch.stack([f @ self.unit_centroids[n].T for n, f in zip(self.layer_names, feats)], dim=1)
+            index = classes[:, None, None].expand(-1, len(feats), 1)
+            dots = every.gather(2, index)[..., 0]  # [B, K]
+        else:
+            dots = torch.stack([(f * self.unit_centroids[n][classes]).sum(dim=1)
+                                for n, f in zip(self.layer_names, feats)], dim=1)
+        norms = torch.stack([torch.linalg.vector_norm(f, dim=1) for f in feats], dim=1)
+        return (dots / norms.clamp_min(1e-12)).cpu()
 
     def score(self, features: dict[str, torch.Tensor], predicted: torch.Tensor) -> Detection:
+        """Verdicts for one batch from its captured features and the classes the model predicted."""
         predicted = predicted.detach().cpu().to(torch.int64)
         if predicted.numel() and (predicted.min() < 0 or predicted.max() >= self.num_classes):
             raise ValueError(f"predicted class outside 0..{self.num_classes - 1}")
-        sims = self.similarities(features, predicted)
+        return self.score_similarities(self.similarities(features, predicted), predicted)
+
+    def score_similarities(self, sims: torch.Tensor, predicted: torch.Tensor) -> Detection:
+        """Verdicts from similarities already computed ([B, K], columns in `layer_names` order): lets an
+        evaluation score one forward pass's similarities under several calibrations."""
+        sims = torch.as_tensor(sims, dtype=torch.float32).cpu()
+        predicted = torch.as_tensor(predicted).cpu().to(torch.int64)
+        if sims.dim() != 2 or sims.shape[1] != len(self.layer_names) or sims.shape[0] != predicted.shape[0]:
+            raise ValueError(f"similarities of shape {tuple(sims.shape)} do not match {predicted.shape[0]} items "
+                             f"x {len(self.layer_names)} layers")
         scores = (sims * self.class_windows[predicted]).sum(dim=1)
         thresholds = self.thresholds[predicted]
         return Detection(

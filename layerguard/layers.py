@@ -155,17 +155,35 @@ class LayerPlan:
     total_layers: int
 
 
-def default_plan(candidates: list[LayerInfo]) -> LayerPlan:
+def default_plan(candidates: list[LayerInfo], exclude_logits: bool = False) -> LayerPlan:
     """The method's window: layers floor(L/2)-1 .. L-1 (0-based) so that LOI in floor(L/2)+1 .. L-1
-    always has LOI-2 captured. This matches the official notebook's 0-based search range."""
+    always has LOI-2 captured. This matches the official notebook's 0-based search range.
+
+    `exclude_logits` drops the last layer (the model's output) from the window and the LOI search: on
+    models where the jump into the logits is the largest for every class, the LOI lands on the logits and
+    the score leans on them (docs/benchmarks.md measures when that hurts)."""
     total = len(candidates)
     if total == 0:
         raise LayerSelectionError("the model has no layer that returns a tensor; name layers with --layers")
     half = total // 2
     first = max(0, half - 1)
-    names = tuple(c.name for c in candidates[first:])
+    last = total - 1 if exclude_logits else total
+    if last - first < 1:
+        raise LayerSelectionError(f"the model has {total} candidate layers: too few to leave out the logits")
+    names = tuple(c.name for c in candidates[first:last])
     search_start = min(max(1, half + 1 - first), len(names) - 1) if len(names) > 1 else 0
     return LayerPlan(layers=names, loi_search_start=search_start, total_layers=total)
+
+
+def plan_for(model: nn.Module, sample: torch.Tensor, layers: list[str] | None = None,
+             exclude_logits: bool = False) -> LayerPlan:
+    """The window to calibrate: the layers the user named, else the method's default one."""
+    if layers:
+        if exclude_logits:
+            raise LayerSelectionError("--exclude-logits shapes the automatic window; with --layers, simply "
+                                      "leave the output layer out of the list")
+        return explicit_plan(list(layers), all_module_outputs(model, sample))
+    return default_plan(discover_layers(model, sample), exclude_logits=exclude_logits)
 
 
 def explicit_plan(names: list[str], available: list[LayerInfo]) -> LayerPlan:

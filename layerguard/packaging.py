@@ -30,8 +30,7 @@ from .artifact import DEFAULT_FILENAME, CalibrationArtifact
 from .calibration import CalibrationConfig, calibrate
 from .data import DataError, list_class_images
 from .detector import ThresholdPolicy
-from .layers import all_module_outputs as _all_module_outputs
-from .layers import default_plan, discover_layers, explicit_plan
+from .layers import plan_for
 from .policy import ServingPolicy, parse_policy
 from .serving import guardable_model, load_inner_handler, model_dir_imports
 
@@ -179,6 +178,7 @@ def calibrate_archive(
     model_yaml_config: dict | None = None,
     threshold: ThresholdPolicy = ThresholdPolicy(),
     layers: Sequence[str] | None = None,
+    exclude_logits: bool = False,
     batch_size: int = 64,
     holdout_fraction: float = 0.5,
     min_per_class: int = 10,
@@ -216,10 +216,7 @@ def calibrate_archive(
         if reference.labels.max() >= num_classes or reference.labels.min() < 0:
             raise WrapError(f"reference labels run {reference.labels.min()}..{reference.labels.max()} but the model "
                             f"has {num_classes} outputs")
-        if layers:
-            plan = explicit_plan(list(layers), _all_module_outputs(model, sample))
-        else:
-            plan = default_plan(discover_layers(model, sample))
+        plan = plan_for(model, sample, list(layers) if layers else None, exclude_logits=exclude_logits)
         names = reference.class_names or _index_to_name(model_dir, num_classes)
         config = CalibrationConfig(policy=threshold, holdout_fraction=holdout_fraction,
                                    min_per_class=min_per_class, class_names=tuple(names) if names else None)
@@ -248,6 +245,7 @@ def wrap_mar(
     batch_size: int | None = None,
     max_batch_delay: int = 100,
     layers: Sequence[str] | None = None,
+    exclude_logits: bool = False,
     holdout_fraction: float = 0.5,
     min_per_class: int = 10,
     gpu: int | None = None,
@@ -283,7 +281,8 @@ def wrap_mar(
         config_name = model.get("configFile")
         yaml_config = _read_yaml(original / config_name) if config_name else {}
         artifact = calibrate_archive(original, manifest, inner_spec, reference, yaml_config, threshold, layers,
-                                     holdout_fraction=holdout_fraction, min_per_class=min_per_class, gpu=gpu,
+                                     exclude_logits=exclude_logits, holdout_fraction=holdout_fraction,
+                                     min_per_class=min_per_class, gpu=gpu,
                                      progress=progress)
         policy = ServingPolicy(inner_handler=inner_spec, action=action,
                                threshold=threshold if override else None)
@@ -392,6 +391,8 @@ def add_wrap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--batch-size", type=int, help="TorchServe batchSize written to model-config.yaml")
     parser.add_argument("--max-batch-delay", type=int, default=100, help="maxBatchDelay in ms (default 100)")
     parser.add_argument("--layers", help="comma-separated module names to monitor (default: automatic)")
+    parser.add_argument("--exclude-logits", action="store_true",
+                        help="leave the output layer out of the automatic window (docs/method.md)")
     parser.add_argument("--holdout-fraction", type=float, default=0.5)
     parser.add_argument("--min-per-class", type=int, default=10)
     parser.add_argument("--gpu", type=int, help="calibrate on this CUDA device (default CPU)")
@@ -407,7 +408,8 @@ def run_wrap(args: argparse.Namespace) -> int:
             args.mar, args.data, args.out, model_name=args.model_name, action=args.policy, tau=args.tau,
             target_fpr=args.target_fpr, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
             layers=[s.strip() for s in args.layers.split(",")] if args.layers else None,
-            holdout_fraction=args.holdout_fraction, min_per_class=args.min_per_class, gpu=args.gpu,
+            exclude_logits=args.exclude_logits, holdout_fraction=args.holdout_fraction,
+            min_per_class=args.min_per_class, gpu=args.gpu,
             force=args.force,
         )
     except (ValueError, RuntimeError, OSError) as exc:

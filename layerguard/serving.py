@@ -153,6 +153,7 @@ class LayerGuardHandler:
         self.detector: Detector | None = None
         self.capture: LayerCapture | None = None
         self.device = torch.device("cpu")
+        self._metrics_primed = False  # set after the first batch has recorded every metric once
 
     # ---- lifecycle ----
     def initialize(self, context) -> None:
@@ -294,7 +295,7 @@ class LayerGuardHandler:
             if logits.shape[0] != len(indices):
                 raise ValueError(f"model returned {logits.shape[0]} rows for {len(indices)} inputs")
             detection = self.detector.score(self.capture.features(), logits.argmax(dim=1))
-            return [detection.item(j, self.artifact.layer_names) for j in range(len(indices))]
+            return detection.items(self.artifact.layer_names)
         except Exception as exc:  # noqa: BLE001 - fail closed for these items, keep the worker
             logger.exception("layerguard: detection failed")
             batch.fail_all(context, indices, 500, "Internal Server Error", "detection failed", _why(exc))
@@ -325,8 +326,12 @@ class LayerGuardHandler:
         batch.answer(i, {**result, ANNOTATION_KEY: note} if isinstance(result, dict) else result)
 
     def _emit_metrics(self, context, batch: _Batch) -> None:
-        """One line per metric and batch; each is recorded on its own, so a metrics config that lacks one
-        entry costs that metric only, and never a prediction."""
+        """Counters and the detection latency of this batch, each recorded on its own, so a metrics config
+        that lacks one entry costs that metric only, and never a prediction.
+
+        Every metric is a log line the frontend parses, so a counter that did not move is left out - except
+        in a worker's first batch, which records all of them so that every series exists (at 0) in
+        Prometheus from the start and alerts on `LayerGuardErrors` have data."""
         metrics = getattr(context, "metrics", None)
         if metrics is None:
             return
@@ -334,9 +339,12 @@ class LayerGuardHandler:
                     METRIC_INVALID: batch.invalid}
         if not self.guarded:
             counters = {METRIC_UNGUARDED: batch.unguarded, METRIC_ERRORS: batch.errors, METRIC_INVALID: batch.invalid}
+        first = not self._metrics_primed
+        self._metrics_primed = True
         for name, value in counters.items():
-            _record(metrics, "add_counter", name, value, context.model_name)
-        if self.guarded:
+            if value or first:
+                _record(metrics, "add_counter", name, value, context.model_name)
+        if self.guarded and (batch.checked or first):
             _record(metrics, "add_time", METRIC_LATENCY, round(batch.detect_seconds * 1000.0, 3), context.model_name)
 
 

@@ -34,7 +34,8 @@ def base_args(mnist_dir: Path) -> list[str]:
 
 def test_help_documents_every_option():
     out = run_cli("--help", cwd=ROOT).stdout
-    for option in ["--model-file", "--weights", "--data", "--layers", "--list-layers", "--tau", "--target-fpr",
+    for option in ["--model-file", "--weights", "--data", "--layers", "--exclude-logits", "--list-layers", "--tau",
+                   "--target-fpr",
                    "--holdout-fraction", "--min-per-class", "--output", "--poisoned", "--benign-test",
                    "--target-class", "--report", "--class-names", "--input-size", "--mean", "--std"]:
         assert option in out
@@ -58,6 +59,20 @@ def test_list_layers(tmp_path, backdoored_mnist, mnist_dir, mnist_npz):
     assert res.returncode == 0, res.stderr
     assert "features.7" in res.stdout and "fc2" in res.stdout
     assert not list(tmp_path.glob("*.npz"))
+
+
+def test_exclude_logits_leaves_the_output_layer_unmonitored(tmp_path, backdoored_mnist, mnist_dir, mnist_npz):
+    from layerguard.artifact import CalibrationArtifact
+
+    out = tmp_path / "art.npz"
+    res = run_cli(*base_args(mnist_dir), "--data", str(mnist_npz["ref"]), "--exclude-logits", "-o", str(out),
+                  "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    names = CalibrationArtifact.load(out).layer_names
+    assert "fc2" not in names and names[-1] == "relu"  # the stage before the logits (fc1 + its ReLU)
+    res = run_cli(*base_args(mnist_dir), "--data", str(mnist_npz["ref"]), "--exclude-logits", "--layers",
+                  "fc1,fc2", "-o", str(tmp_path / "b.npz"), cwd=tmp_path)
+    _assert_refused(res, tmp_path / "b.npz", "--exclude-logits")
 
 
 def _assert_refused(res: subprocess.CompletedProcess, out: Path, *words: str) -> None:

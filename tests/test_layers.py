@@ -11,6 +11,7 @@ from layerguard.layers import (
     default_plan,
     discover_layers,
     explicit_plan,
+    plan_for,
 )
 
 
@@ -66,6 +67,20 @@ def test_resnet18_has_the_methods_ten_layers():
     # L = 10: LOI searched over 0-based 6..9 (the notebook's range); LOI-2 >= 4 must be captured
     assert plan.layers == tuple(names[4:])
     assert plan.layers[plan.loi_search_start] == names[6]
+
+
+def test_exclude_logits_keeps_the_window_start_and_drops_the_output_layer():
+    model = ResNet18().eval()
+    sample = torch.zeros(1, 3, 64, 64)
+    layers = discover_layers(model, sample)
+    full, no_logits = default_plan(layers), default_plan(layers, exclude_logits=True)
+    assert no_logits.layers == full.layers[:-1] and "fc" not in no_logits.layers
+    assert no_logits.loi_search_start == full.loi_search_start and no_logits.total_layers == 10
+    assert plan_for(model, sample, exclude_logits=True) == no_logits
+    with pytest.raises(LayerSelectionError, match="--layers"):
+        plan_for(model, sample, ["layer4.0", "layer4.1"], exclude_logits=True)
+    with pytest.raises(LayerSelectionError, match="too few"):
+        default_plan(layers[-1:], exclude_logits=True)
 
 
 def test_plain_sequential_cnn_gives_stage_outputs():

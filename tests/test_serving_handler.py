@@ -117,6 +117,25 @@ def test_corrupt_item_gets_its_own_400(served, images, caplog):
     assert "LayerGuardInputsFlagged.Count:1|" in metrics
 
 
+def test_first_batch_records_every_metric_later_batches_only_those_that_moved(archives, tmp_path, images, caplog):
+    """Each metric is a log line the frontend parses: zeros are recorded once per worker (so every series
+    exists for alerts), then only counters that moved."""
+    clean, _, _ = images
+    fresh = Served(extract(archives["guarded"], tmp_path / "d"))
+    caplog.set_level(logging.INFO)
+
+    def recorded() -> set[str]:
+        lines = [r.getMessage() for r in caplog.records if "[METRICS]LayerGuard" in r.getMessage()]
+        caplog.clear()
+        return {line.split("[METRICS]")[1].split(".")[0] for line in lines}
+
+    fresh(clean[:2])
+    assert recorded() == {"LayerGuardInputsChecked", "LayerGuardInputsFlagged", "LayerGuardErrors",
+                          "LayerGuardInvalidInputs", "LayerGuardDetectionLatency"}
+    assert fresh(clean[2:4] + [b"junk"])[2][0] == 400
+    assert recorded() == {"LayerGuardInputsChecked", "LayerGuardInvalidInputs", "LayerGuardDetectionLatency"}
+
+
 def test_detector_failure_is_a_per_item_500_and_counted(served, images, monkeypatch, caplog):
     clean, _, _ = images
     handler = served.service._entry_point.__self__

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from torchserve_util import guarded_archives, png_bytes
 
+from layerguard.artifact import CalibrationArtifact
 from layerguard.packaging import (
     WrapError,
     add_wrap_arguments,
@@ -63,7 +64,7 @@ def test_wrap_cli_from_image_folder_leaves_original_untouched(archives, tmp_path
     args = add_wrap_arguments(argparse.ArgumentParser()).parse_args(
         ["--mar", str(original), "--data", str(tmp_path / "ref"), "--out", str(tmp_path / "store"),
          "--model-name", "mnist_strict", "--policy", "reject", "--target-fpr", "0.05", "--batch-size", "4",
-         "--min-per-class", "5"])
+         "--min-per-class", "5", "--exclude-logits"])
     assert run_wrap(args) == 0
     assert "guarded archive:" in capsys.readouterr().out
     assert digest(original) == before
@@ -73,6 +74,12 @@ def test_wrap_cli_from_image_folder_leaves_original_untouched(archives, tmp_path
     assert config["handler"]["layerguard"] == {"inner_handler": "mnist_handler.py", "policy": "reject",
                                                "target_fpr": 0.05}
     assert config["batchSize"] == 4
+    with zipfile.ZipFile(out) as zf:
+        (tmp_path / "art.npz").write_bytes(zf.read("layerguard_calibration.npz"))
+    with zipfile.ZipFile(archives["guarded"]) as zf:
+        (tmp_path / "default.npz").write_bytes(zf.read("layerguard_calibration.npz"))
+    default_layers = CalibrationArtifact.load(tmp_path / "default.npz").layer_names
+    assert CalibrationArtifact.load(tmp_path / "art.npz").layer_names == default_layers[:-1]  # --exclude-logits
     assert run_wrap(args) == 2  # exists: needs --force
     assert "--force" in capsys.readouterr().err
 

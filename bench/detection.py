@@ -193,6 +193,14 @@ def layerguard_result(
         lg["layer_auroc"] = {
             layer: auroc(ben["sims"][ben_t, k], att["sims"][success, k]) for k, layer in enumerate(layers)
         }
+        # ... and why a window separates less than its best layer: each layer's benign spread and the attacks'
+        # distance below the benign mean in units of that spread (a wide, signal-free layer drowns the others)
+        b_sims, a_sims = ben["sims"][ben_t], att["sims"][success]
+        lg["layer_spread"] = {
+            layer: {"benign_mean": float(b_sims[:, k].mean()), "benign_std": float(b_sims[:, k].std()),
+                    "attack_mean": float(a_sims[:, k].mean())}
+            for k, layer in enumerate(layers) if len(b_sims) and len(a_sims)
+        }
         lg["window_target"] = [layers[i] for i in range(max(0, artifact.loi[TARGET] - 2), artifact.loi[TARGET] + 1)]
     return lg
 

@@ -38,7 +38,7 @@ QUICK_ARGS = {
     "detection": ["--n-benign", "300", "--n-scaleup", "100", "--n-strip", "50"],
     "overhead": ["--repeats", "10", "--peer-repeats", "3", "--calib-per-class", "12"],
     "calibration_cost": ["--sizes", "200,400"],
-    "serving_load": ["--requests", "100", "--rounds", "1", "--warmup", "20"],
+    "serving_load": ["--requests", "100", "--rounds", "1", "--warmup", "20", "--archs", "resnet20"],
 }
 # The paper's recorded figures (REFERENCE.md): CIFAR-10, ResNet-18, input-aware dynamic attack, 5 runs.
 PAPER = {"1.5": (99.87, 9.00), "2": (99.74, 3.42), "2.5": (99.46, 1.22), "3": (95.28, 0.24)}
@@ -290,6 +290,18 @@ def detection_section(det: dict[str, Any], img_ok: bool) -> list[str]:
                                                     else num(lg["layer_auroc"].get(n))) for n in layers]])
         lines += table(["model", *layers], rows)
         lines += [""]
+        spread_rows = []
+        for a, lg in with_layers.items():
+            spread = lg.get("layer_spread") or {}
+            if spread:
+                spread_rows.append([ATTACK_LABEL.get(a, a), *[spread_cell(spread.get(n)) for n in layers]])
+        if spread_rows:
+            lines += ["Per layer, how far below the benign mean the successful attacks sit, in benign standard "
+                      "deviations, and (in brackets) that standard deviation; benign = scored images predicted as "
+                      "the target. A layer with a wide benign spread and no gap adds noise to a window sum and no "
+                      "signal.", ""]
+            lines += table(["model", *layers], spread_rows)
+            lines += [""]
     if img_ok:
         lines += ["![ROC curves per attack](img/detection_roc.png)", "",
                   "ROC per attack (log FPR axis; dots: layerguard at each tau).", ""]
@@ -356,15 +368,31 @@ def calibration_section(cal: dict[str, Any], img_ok: bool) -> list[str]:
     return lines
 
 
+def serving_archs(sl: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{arch: {setup, results, handler_in_process}}; a result file from before `--archs` holds one, ResNet-20."""
+    return sl["archs"] if "archs" in sl else {"resnet20": sl}
+
+
 def serving_section(sl: dict[str, Any]) -> list[str]:
-    s, r = sl["setup"], sl["results"]
-    lines = ["### Through TorchServe (127.0.0.1)", "",
-             f"Made by {provenance(sl)}. {s['model']} ({s['weights']}), one worker per archive "
-             f"({s['worker_threads']} torch thread), batchSize {s['batch_size']}, maxBatchDelay "
-             f"{s['max_batch_delay_ms']} ms for both; closed loop, {s['concurrency']} concurrent clients, "
-             f"{s['requests_per_phase']} requests per phase, {s['rounds']} round(s), each {s['order']}, after "
-             f"{s['warmup_per_archive']} warm-up requests each. The guarded archive is `wrap_mar` of the plain one "
-             f"(calibrated on {s['calibration_images']} test PNGs). The client runs on the same 2 cores.", ""]
+    lines = ["### Through TorchServe (127.0.0.1)", "", f"Made by {provenance(sl)}.", ""]
+    for one in serving_archs(sl).values():
+        lines += serving_arch_lines(one)
+    lines += ["Worker CPU per request is read from /proc of the worker processes, whose PIDs the management API "
+              "reports; frontend = the Java process, client = this benchmark's own threads. Throughput and latency "
+              "depend on every process sharing the 2 cores, so their ratios move from run to run more than the CPU "
+              "per request does.", ""]
+    return lines
+
+
+def serving_arch_lines(one: dict[str, Any]) -> list[str]:
+    s, r = one["setup"], one["results"]
+    lines = [f"#### {s['model']}", "",
+             f"Weights: {s['weights']}. One worker per archive ({s['worker_threads']} torch thread), batchSize "
+             f"{s['batch_size']}, maxBatchDelay {s['max_batch_delay_ms']} ms for both; closed loop, "
+             f"{s['concurrency']} concurrent clients, {s['requests_per_phase']} requests per phase, {s['rounds']} "
+             f"round(s), each {s['order']}, after {s['warmup_per_archive']} warm-up requests each. The guarded "
+             f"archive is `wrap_mar` of the plain one (calibrated on {s['calibration_images']} test PNGs). The "
+             "client runs on the same 2 cores.", ""]
     rows = []
     for m in ("plain", "guarded"):
         x = r[m]
@@ -374,24 +402,26 @@ def serving_section(sl: dict[str, Any]) -> list[str]:
                      *(num(cpu.get(k), 2) for k in ("worker", "frontend", "client"))])
     lines += table(["archive", "ok / requests", "requests/s", "requests/s per phase", "p50 ms", "p99 ms",
                     "worker CPU ms / request", "frontend CPU ms / request", "client CPU ms / request"], rows)
+    cp, cg = r["plain"].get("cpu_ms_per_request"), r["guarded"].get("cpu_ms_per_request")
+    worker = f", worker CPU per request x{cg['worker'] / cp['worker']:.3f}" if cp and cg and cp.get("worker") else ""
     lines += ["", f"Guarded / plain: throughput x{r['guarded_rps_ratio']:.3f}, p50 x{r['guarded_p50_ratio']:.3f}, "
-              f"p99 x{r['guarded_p99_ratio']:.3f} (target: within 5%)."]
-    hp = sl.get("handler_in_process")
+              f"p99 x{r['guarded_p99_ratio']:.3f}{worker} (target: within 5%)."]
+    hp = one.get("handler_in_process")
     if hp:
         lines += ["", "The worker's share alone: each archive's handler called in one process (real "
                   "`ts.context.Context`, no HTTP), alternating, median CPU time per request:", ""]
         lines += table(["batch", "plain ms / request", "guarded ms / request", "guarded / plain"],
                        [[b, num(v["plain_cpu_ms_per_request"], 2), num(v["guarded_cpu_ms_per_request"], 2),
                          f"x{v['ratio']:.3f}"] for b, v in hp.items()])
-        lines += [""]
-    cp, cg = r["plain"].get("cpu_ms_per_request"), r["guarded"].get("cpu_ms_per_request")
-    if cp and cg and cp.get("worker"):
-        lines += [f"Worker CPU per request: x{cg['worker'] / cp['worker']:.3f} (from /proc of the worker "
-                  "processes, whose PIDs the management API reports; frontend = the Java process, client = this "
-                  "benchmark's own threads). Throughput and latency depend on every process sharing the 2 cores, "
-                  "so their ratios move from run to run more than the CPU per request does."]
-    lines += [""]
-    return lines
+    return lines + [""]
+
+
+def spread_cell(layer: dict[str, float] | None) -> str:
+    """'gap (std)': the attacks' distance below the benign mean in benign standard deviations, and that std."""
+    if not layer:
+        return "n/a"
+    gap = (layer["benign_mean"] - layer["attack_mean"]) / max(layer["benign_std"], 1e-12)
+    return f"{gap:+.2f} ({layer['benign_std']:.3f})"
 
 
 def no_logits_note(model_result: dict[str, Any]) -> str:
@@ -439,12 +469,13 @@ def headline_section(det: dict[str, Any] | None, ov: dict[str, Any] | None, sl: 
                              f"({100 * (r['wall_ratio_of_medians'] - 1):+.1f}% wall) to a forward pass; scoring "
                              f"alone is {100 * r['score_share_of_plain_cpu']:.1f}% of it (target: under 5%).")
     if sl:
-        r = sl["results"]
-        cp, cg = r["plain"].get("cpu_ms_per_request", {}), r["guarded"].get("cpu_ms_per_request", {})
-        worker = f", worker CPU per request x{cg['worker'] / cp['worker']:.3f}" if cp.get("worker") else ""
-        lines.append(f"- TorchServe, guarded vs plain .mar: throughput x{r['guarded_rps_ratio']:.3f}, p50 "
-                     f"x{r['guarded_p50_ratio']:.3f}, p99 x{r['guarded_p99_ratio']:.3f}{worker} "
-                     "(target: within 5%).")
+        for one in serving_archs(sl).values():
+            r = one["results"]
+            cp, cg = r["plain"].get("cpu_ms_per_request", {}), r["guarded"].get("cpu_ms_per_request", {})
+            worker = f", worker CPU per request x{cg['worker'] / cp['worker']:.3f}" if cp.get("worker") else ""
+            lines.append(f"- TorchServe, {one['setup']['model']}, guarded vs plain .mar: throughput "
+                         f"x{r['guarded_rps_ratio']:.3f}, p50 x{r['guarded_p50_ratio']:.3f}, p99 "
+                         f"x{r['guarded_p99_ratio']:.3f}{worker} (target: within 5%).")
     return lines + [""]
 
 

@@ -1,14 +1,16 @@
 """Throughput and latency through a real TorchServe on 127.0.0.1: plain .mar vs the guarded .mar.
 
 Why this setup: the question a user asks is "what does wrapping my archive cost me in production?". So
-both archives hold the same CIFAR ResNet-20 with the same ordinary BaseHandler and the same batching
-config; the guarded one is made from the plain one by ``layerguard.packaging.wrap_mar`` (calibrated on 1,000
-benign test PNGs through the handler's own preprocess). One TorchServe serves both (one worker each), and
-the same closed-loop load (fixed concurrency, fixed request count, the same PNGs) is sent to each in
-alternation, plain-guarded-guarded-plain per round (ABBA), so drift on the shared machine hits both alike.
-Only loopback addresses are used; the server is stopped by PID at the end (tests/torchserve_util.py).
+both archives hold the same CIFAR network with the same ordinary BaseHandler and the same batching config;
+the guarded one is made from the plain one by ``layerguard.packaging.wrap_mar`` (calibrated on 1,000 benign
+test PNGs through the handler's own preprocess). One TorchServe serves both (one worker each), and the same
+closed-loop load (fixed concurrency, fixed request count, the same PNGs) is sent to each in alternation,
+plain-guarded-guarded-plain per round (ABBA), so drift on the shared machine hits both alike. This runs for
+each architecture in ``--archs``: the zoo's ResNet-20 (a forward pass so cheap that the guard's fixed
+per-batch cost shows) and a ResNet-18-sized network (the paper's model size). Only loopback addresses are
+used; each server is stopped by PID at the end (tests/torchserve_util.py).
 
-Usage:  .venv/bin/python bench/serving_load.py [--requests 400] [--concurrency 8] [--rounds 2]
+Usage:  .venv/bin/python bench/serving_load.py [--archs resnet20,resnet18_cifar] [--requests 400] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from layerguard.packaging import ReferenceData, encode_png, wrap_mar  # noqa: E4
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 import torchserve_util  # noqa: E402
-from torchserve_util import TorchServe, free_port  # noqa: E402
+from torchserve_util import PROJECT_CONFIG, TorchServe, free_port  # noqa: E402
 
 HANDLER_SOURCE = '''"""CIFAR-10 handler as a model owner would write it: PNG -> RGB float [0, 1] NCHW; top class."""
 
@@ -77,10 +79,17 @@ MODEL_SOURCE = '''"""The one model class BaseHandler looks for; the architecture
 from cifar_resnet import CifarResNet
 
 
-class ResNet20(CifarResNet):
+class CifarModel(CifarResNet):
     def __init__(self) -> None:
-        super().__init__([3, 3, 3], [16, 32, 64], 10)
+        super().__init__({blocks}, {widths}, {classes})
 '''
+
+
+def model_source(model: bench_models.CifarResNet) -> str:
+    """The archive's model file for this CifarResNet: its stages' depths and widths, read off the model."""
+    stages = [getattr(model, name) for name in model.stage_names]
+    return MODEL_SOURCE.format(blocks=[len(s) for s in stages], widths=[s[0].conv1.out_channels for s in stages],
+                               classes=model.fc.out_features)
 
 
 def build_plain_mar(out: Path, model: torch.nn.Module, name: str, batch_size: int, max_batch_delay: int) -> Path:
@@ -88,7 +97,7 @@ def build_plain_mar(out: Path, model: torch.nn.Module, name: str, batch_size: in
     files = out / f"{name}-files"
     files.mkdir(parents=True, exist_ok=True)
     (files / "cifar_resnet.py").write_text(inspect.getsource(bench_models))
-    (files / "cifar_model.py").write_text(MODEL_SOURCE)
+    (files / "cifar_model.py").write_text(model_source(model))
     (files / "cifar_handler.py").write_text(HANDLER_SOURCE)
     torch.save(model.state_dict(), files / "cifar_model.pt")
     config = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay, "minWorkers": 1, "maxWorkers": 1}
@@ -279,9 +288,96 @@ def combine(phases: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+ARCH_LABEL = {"resnet20": "CIFAR ResNet-20", "resnet18_cifar": "ResNet-18, CIFAR stem"}
+
+
+def run_arch(arch: str, args: argparse.Namespace, reference: ReferenceData, payloads: list[bytes]) -> dict[str, Any]:
+    """Both archives of one architecture through one TorchServe: setup, per-archive results, handler CPU."""
+    model, source = load_bench_model(arch)
+    with tempfile.TemporaryDirectory(prefix="layerguard-load-") as tmp:
+        root = (args.workdir / arch) if args.workdir else Path(tmp)
+        store = root / "model-store"
+        store.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        plain = build_plain_mar(store, model, "cifar_plain", args.batch_size, args.max_batch_delay)
+        wrapped = wrap_mar(plain, reference, store, model_name="cifar_guarded", force=True)
+        wrap_seconds = time.time() - t0
+        log(f"[{arch}] archives ready in {wrap_seconds:.0f}s: {plain.name}, {wrapped.mar_path.name}")
+        in_process = handler_cpu({"plain": plain, "guarded": wrapped.mar_path}, payloads, (1, 4, 8),
+                                 args.handler_repeats)
+        # TorchServe also opens gRPC on 7070/7071 unless told otherwise: another server on the machine (a test
+        # run) would make this one exit at start, so give it free gRPC ports too, via its config template.
+        config = root / "config.template.properties"
+        config.write_text(PROJECT_CONFIG.read_text() + f"\ngrpc_inference_port={free_port()}\n"
+                          f"grpc_management_port={free_port()}\n")
+        torchserve_util.PROJECT_CONFIG = config
+        server = TorchServe(root / "server", store, ["cifar_plain=cifar_plain.mar", "cifar_guarded=cifar_guarded.mar"])
+        t0 = time.time()
+        server.start(timeout=240)
+        startup = time.time() - t0
+        log(f"[{arch}] torchserve ready in {startup:.1f}s on {server.url}")
+        try:
+            phases = load_rounds(server, args, payloads, arch)
+        finally:
+            server.stop()
+            torchserve_util.PROJECT_CONFIG = PROJECT_CONFIG
+    results: dict[str, Any] = {m: combine(v) for m, v in phases.items()}
+    results["guarded_rps_ratio"] = results["guarded"]["rps"] / results["plain"]["rps"]
+    results["guarded_p50_ratio"] = results["guarded"]["p50_ms"] / results["plain"]["p50_ms"]
+    results["guarded_p99_ratio"] = results["guarded"]["p99_ms"] / results["plain"]["p99_ms"]
+    setup = {
+        "model": f"{ARCH_LABEL.get(arch, arch)} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)",
+        "weights": source,
+        "workers_per_model": 1,
+        "worker_threads": args.worker_threads,
+        "batch_size": args.batch_size,
+        "max_batch_delay_ms": args.max_batch_delay,
+        "concurrency": args.concurrency,
+        "requests_per_phase": args.requests,
+        "rounds": args.rounds,
+        "order": "plain, guarded, guarded, plain (ABBA)",
+        "warmup_per_archive": args.warmup,
+        "calibration_images": len(reference.payloads),
+        "payload": "32x32 RGB PNG, 128 distinct test images",
+        "wrap_seconds": round(wrap_seconds, 1),
+        "startup_seconds": round(startup, 1),
+        "client": "python requests, one Session per client thread, same machine",
+    }
+    log(f"[{arch}] guarded/plain rps {results['guarded_rps_ratio']:.3f}, p50 x{results['guarded_p50_ratio']:.3f}, "
+        f"p99 x{results['guarded_p99_ratio']:.3f}")
+    return {"setup": setup, "results": results, "handler_in_process": in_process}
+
+
+def load_rounds(server: TorchServe, args: argparse.Namespace, payloads: list[bytes], arch: str
+                ) -> dict[str, list[dict[str, Any]]]:
+    """Warm-up, then ``rounds`` ABBA rounds of closed-loop load; CPU time of worker, frontend, client per phase."""
+    headers = {**server.headers(), "Content-Type": "application/octet-stream"}
+    urls = {m: f"{server.url}/predictions/cifar_{m}" for m in ("plain", "guarded")}
+    for m in urls:
+        load_phase(urls[m], headers, payloads, args.warmup, args.concurrency, args.timeout)
+    pids = {"frontend": [server.java_pid] if server.java_pid else []}
+    for m in urls:
+        pids[f"worker_{m}"] = worker_pids(server, f"cifar_{m}")
+    phases: dict[str, list[dict[str, Any]]] = {"plain": [], "guarded": []}
+    for r in range(args.rounds):
+        for m in ("plain", "guarded", "guarded", "plain"):
+            before = cpu_snapshot(pids)
+            res = load_phase(urls[m], headers, payloads, args.requests, args.concurrency, args.timeout)
+            after = cpu_snapshot(pids)
+            res["cpu_seconds"] = {"worker": after[f"worker_{m}"] - before[f"worker_{m}"],
+                                  "frontend": after["frontend"] - before["frontend"],
+                                  "client": after["client"] - before["client"]}
+            phases[m].append(res)
+            log(f"[{arch}] round {r + 1} {m}: {res['ok'] / res['seconds']:.1f} rps, "
+                f"p50 {1000 * percentile(res['latencies'], 50):.1f} ms, errors {res['errors']}")
+    return phases
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--archs", default="resnet20,resnet18_cifar",
+                   help="comma list of architectures, each served plain and guarded (default: both)")
     p.add_argument("--requests", type=int, default=400, help="requests per phase")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3, help="ABBA rounds (each runs both archives twice)")
@@ -290,11 +386,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay (ms) of both")
     p.add_argument("--handler-repeats", type=int, default=100, help="repeats of the in-process handler timing")
     p.add_argument("--worker-threads", type=int, default=1, help="OMP_NUM_THREADS of the TorchServe workers")
-    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     p.add_argument("--workdir", type=Path, default=None, help="keep archives and server logs here")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    unknown = [a for a in archs if a not in bench_models.MODELS]
+    if unknown:
+        p.error(f"unknown architecture(s) {unknown}; choose from {sorted(bench_models.MODELS)}")
     torch.set_num_threads(1)
+    # One intra-op thread per worker (inherited by the workers): with several torch threads per worker on a
+    # shared 2-core machine, threads wait on each other and everything runs many times slower.
+    os.environ["OMP_NUM_THREADS"] = str(args.worker_threads)
     t_start = time.time()
     data = load_cifar(args.data or default_data_path())
     ref_idx = stratified(data["y_test"], 100)
@@ -307,92 +410,16 @@ def main(argv: list[str] | None = None) -> int:
     scored = np.setdiff1d(np.arange(len(data["y_test"])), ref_idx)
     pick = np.random.default_rng(0).choice(scored, size=128, replace=False)
     payloads = [encode_png(x) for x in data["x_test"][pick]]
-    model, source = load_bench_model("resnet20")
-
-    with tempfile.TemporaryDirectory(prefix="layerguard-load-") as tmp:
-        root = args.workdir or Path(tmp)
-        store = root / "model-store"
-        store.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        plain = build_plain_mar(store, model, "cifar_plain", args.batch_size, args.max_batch_delay)
-        wrapped = wrap_mar(plain, reference, store, model_name="cifar_guarded", force=True)
-        wrap_seconds = time.time() - t0
-        log(f"archives ready in {wrap_seconds:.0f}s: {plain.name}, {wrapped.mar_path.name}")
-        in_process = handler_cpu({"plain": plain, "guarded": wrapped.mar_path}, payloads, (1, 4, 8),
-                                 args.handler_repeats)
-        # One intra-op thread per worker (inherited by the workers): with several torch threads per worker on
-        # a shared 2-core machine, threads wait on each other and everything runs many times slower.
-        os.environ["OMP_NUM_THREADS"] = str(args.worker_threads)
-        # TorchServe also opens gRPC on 7070/7071 unless told otherwise: another server on the machine (a test
-        # run) would make this one exit at start, so give it free gRPC ports too, via its config template.
-        config = root / "config.template.properties"
-        config.write_text(torchserve_util.PROJECT_CONFIG.read_text() + f"\ngrpc_inference_port={free_port()}\n"
-                          f"grpc_management_port={free_port()}\n")
-        torchserve_util.PROJECT_CONFIG = config
-        server = TorchServe(root / "server", store, ["cifar_plain=cifar_plain.mar", "cifar_guarded=cifar_guarded.mar"])
-        t0 = time.time()
-        server.start(timeout=240)
-        startup = time.time() - t0
-        log(f"torchserve ready in {startup:.1f}s on {server.url}")
-        try:
-            headers = {**server.headers(), "Content-Type": "application/octet-stream"}
-            urls = {m: f"{server.url}/predictions/cifar_{m}" for m in ("plain", "guarded")}
-            for m in urls:
-                load_phase(urls[m], headers, payloads, args.warmup, args.concurrency, args.timeout)
-            pids = {"frontend": [server.java_pid] if server.java_pid else []}
-            for m in urls:
-                pids[f"worker_{m}"] = worker_pids(server, f"cifar_{m}")
-            phases: dict[str, list[dict[str, Any]]] = {"plain": [], "guarded": []}
-            for r in range(args.rounds):
-                for m in ("plain", "guarded", "guarded", "plain"):
-                    before = cpu_snapshot(pids)
-                    res = load_phase(urls[m], headers, payloads, args.requests, args.concurrency, args.timeout)
-                    after = cpu_snapshot(pids)
-                    res["cpu_seconds"] = {"worker": after[f"worker_{m}"] - before[f"worker_{m}"],
-                                          "frontend": after["frontend"] - before["frontend"],
-                                          "client": after["client"] - before["client"]}
-                    phases[m].append(res)
-                    log(
-                        f"round {r + 1} {m}: {res['ok'] / res['seconds']:.1f} rps, "
-                        f"p50 {1000 * percentile(res['latencies'], 50):.1f} ms, errors {res['errors']}"
-                    )
-        finally:
-            server.stop()
-    results: dict[str, Any] = {m: combine(v) for m, v in phases.items()}
-    results["guarded_rps_ratio"] = results["guarded"]["rps"] / results["plain"]["rps"]
-    results["guarded_p50_ratio"] = results["guarded"]["p50_ms"] / results["plain"]["p50_ms"]
-    results["guarded_p99_ratio"] = results["guarded"]["p99_ms"] / results["plain"]["p99_ms"]
+    per_arch = {arch: run_arch(arch, args, reference, payloads) for arch in archs}
     payload = {
         "command": command_line(),
         "date": now_utc(),
         "machine": machine_info(),
         "seconds": round(time.time() - t_start, 1),
-        "setup": {
-            "model": "CIFAR ResNet-20",
-            "weights": source,
-            "workers_per_model": 1,
-            "worker_threads": args.worker_threads,
-            "batch_size": args.batch_size,
-            "max_batch_delay_ms": args.max_batch_delay,
-            "concurrency": args.concurrency,
-            "requests_per_phase": args.requests,
-            "rounds": args.rounds,
-            "order": "plain, guarded, guarded, plain (ABBA)",
-            "warmup_per_archive": args.warmup,
-            "calibration_images": len(reference.payloads),
-            "payload": "32x32 RGB PNG, 128 distinct test images",
-            "wrap_seconds": round(wrap_seconds, 1),
-            "startup_seconds": round(startup, 1),
-            "client": "python requests, one Session per client thread, same machine",
-        },
-        "results": results,
-        "handler_in_process": in_process,
+        "archs": per_arch,
     }
     path = write_result("serving_load", payload, args.out)
-    log(
-        f"guarded/plain rps {results['guarded_rps_ratio']:.3f}, p50 x{results['guarded_p50_ratio']:.3f}, "
-        f"p99 x{results['guarded_p99_ratio']:.3f}; wrote {path} ({payload['seconds']:.0f}s)"
-    )
+    log(f"wrote {path} ({payload['seconds']:.0f}s)")
     return 0
 
 

@@ -268,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="retrain even when the cached weights exist")
     p.add_argument(
         "--trigger-after-augment",
-        action="store_true",
-        help="apply triggers per batch after crop/flip (default: poison the stored set, then augment)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="apply triggers per batch after crop/flip, where they sit at test time (the zoo's recipe; "
+        "--no-trigger-after-augment poisons the stored set once and then augments, as BackdoorBench does)",
     )
     p.add_argument(
         "--eval-only", action="store_true", help="re-evaluate cached models and update their json, no training"

@@ -132,12 +132,17 @@ def test_mahalanobis_scores_outliers_lower_and_runs_on_a_model() -> None:
 def _fake_results(root: Path) -> None:
     rng = np.random.default_rng(1)
     det = {}
-    for name in ("layerguard", "Mahalanobis", "SCALE-UP", "STRIP"):
+    for name in ("layerguard", "layerguard --exclude-logits", "Mahalanobis", "SCALE-UP", "STRIP"):
         d = summarise(rng.normal(size=50), rng.normal(size=80), rng.normal(-2, 1, size=40), 1, 0.1)
         det[name] = d
     det["STRIP"]["n"] = 20
-    det["layerguard"]["tau"] = {t: {"fpr": 0.01, "tpr": 0.9} for t in ("1.5", "2", "2.5", "3")}
-    det["layerguard"]["policy_target_fpr"] = {q: {"fpr": 0.01, "tpr": 0.9} for q in ("0.01", "0.05")}
+    for variant, tpr in (("layerguard", 0.9), ("layerguard --exclude-logits", 0.97)):
+        det[variant]["tau"] = {t: {"fpr": 0.01, "tpr": tpr} for t in ("1.5", "2", "2.5", "3")}
+        det[variant]["policy_target_fpr"] = {q: {"fpr": 0.01, "tpr": tpr} for q in ("0.01", "0.05")}
+    det["layerguard"]["layer_auroc"] = {"b1": 0.99, "fc": 0.6}
+    det["layerguard"]["window_target"] = ["b1", "fc"]
+    det["layerguard"]["layer_spread"] = {"b1": {"benign_mean": 0.7, "benign_std": 0.05, "attack_mean": 0.5},
+                                         "fc": {"benign_mean": 0.8, "benign_std": 0.2, "attack_mean": 0.8}}
     machine = {"cpu": "test cpu", "cores": 2, "os": "Linux", "python": "3", "torch": "2", "torch_threads": 1}
     detection = {
         "command": "x", "date": "today", "machine": machine, "seconds": 1.0, "data": "d.npz", "missing": ["sig"],
@@ -149,7 +154,17 @@ def _fake_results(root: Path) -> None:
     cal = {"command": "c", "date": "today", "machine": machine, "seconds": 2.0, "model": "resnet20", "batch": 100,
            "threads": 1, "runs": [{"images": n, "seconds": 1.0, "images_per_s": 100.0, "peak_extra_mb": 50.0,
                                    "peak_rss_mb": 300.0} for n in (500, 1000)]}
+    archive = {"ok": 10, "requests": 10, "rps": 100.0, "rps_per_phase": [100.0], "p50_ms": 10.0, "p99_ms": 20.0,
+               "cpu_ms_per_request": {"worker": 4.0, "frontend": 2.0, "client": 1.0}}
+    setup = {"weights": "w.pt", "worker_threads": 1, "batch_size": 8, "max_batch_delay_ms": 5, "concurrency": 8,
+             "requests_per_phase": 10, "rounds": 1, "order": "ABBA", "warmup_per_archive": 1, "calibration_images": 9}
+    serving = {"command": "s", "date": "today", "machine": machine, "seconds": 3.0, "archs": {
+        arch: {"setup": {**setup, "model": arch}, "handler_in_process": {},
+               "results": {"plain": archive, "guarded": {**archive, "rps": 100.0 * ratio},
+                           "guarded_rps_ratio": ratio, "guarded_p50_ratio": 1.0, "guarded_p99_ratio": 1.0}}
+        for arch, ratio in (("small net", 0.9), ("big net", 0.99))}}
     root.mkdir(parents=True, exist_ok=True)
+    (root / "serving_load.json").write_text(json.dumps(serving))
     (root / "detection.json").write_text(json.dumps(detection))
     (root / "calibration_cost.json").write_text(json.dumps(cal))
 
@@ -162,6 +177,11 @@ def test_render_builds_the_page_from_json_only(tmp_path: Path) -> None:
     assert (tmp_path / "docs" / "benchmarks.md").read_text() == text
     assert "99.46 / 1.22" in text  # the paper's anchor next to ours
     assert "| BadNets | STRIP (N=20) | 1 |" in text
+    assert "| BadNets | `--exclude-logits` | 97.0 / 1.0 |" in text  # the variant's own tau row
+    assert "with `--exclude-logits`: tau 2.5 TPR 97.0% at FPR 1.0%" in text  # ... and its headline
+    assert "| BadNets | +4.00 (0.050) | +0.00 (0.200) |" in text  # gap in benign stds (std) per layer
+    assert "- TorchServe, small net, guarded vs plain .mar: throughput x0.900" in text  # one line per architecture
+    assert "#### big net" in text and "throughput x0.990" in text
     assert "Not evaluated (no trained weights when this ran): clean, blended, wanet, sig, adapblend." in text
     assert (tmp_path / "docs" / "img" / "detection_roc.png").stat().st_size > 0
     assert (tmp_path / "docs" / "img" / "calibration_cost.png").stat().st_size > 0

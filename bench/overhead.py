@@ -2,7 +2,7 @@
 
 Why measured this way: serving runs one forward pass with layerguard's hooks attached, then scores the
 captured features and builds one JSON note per item (layerguard/serving.py). So "guarded" here is exactly
-that: capture.clear(), forward under no_grad, ``Detector.score``, ``Detection.item`` for every row; "plain"
+that: capture.clear(), forward under no_grad, ``Detector.score``, ``Detection.items`` for the batch; "plain"
 is the same forward on a second copy of the model with no hooks. The two are timed alternately, repeat
 after repeat, in one process, so drift from other jobs on a shared machine hits both alike; we report the
 median of each and the median of the per-repeat ratios.
@@ -35,7 +35,18 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchutil import REPO_ROOT, command_line, log, machine_info, now_utc, rss_bytes, write_result  # noqa: E402
+from bench.benchutil import (  # noqa: E402
+    ALLOCATOR_NOTE,
+    REPO_ROOT,
+    command_line,
+    hold_freed_memory,
+    log,
+    machine_info,
+    minor_faults,
+    now_utc,
+    rss_bytes,
+    write_result,
+)
 from bench.data import default_data_path, load_cifar, to_tensor  # noqa: E402
 from bench.models import build_model  # noqa: E402
 from bench.peers import Mahalanobis, ScaleUp, Strip  # noqa: E402
@@ -117,17 +128,18 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: in
     (``time.thread_time``): with one torch thread all the work runs here, and CPU time does not count the
     moments the scheduler gives the core to another job, which wall time on a shared 2-core box does.
     """
-    times: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in fns}
+    times: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": [], "faults": []} for k in fns}
     names = list(fns)
     for r in range(warmup + repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for k in order:
-            c0, t0 = time.thread_time(), time.perf_counter()
+            f0, c0, t0 = minor_faults(), time.thread_time(), time.perf_counter()
             fns[k]()
-            dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+            dt, dc, df = time.perf_counter() - t0, time.thread_time() - c0, minor_faults() - f0
             if r >= warmup:
                 times[k]["wall"].append(dt)
                 times[k]["cpu"].append(dc)
+                times[k]["faults"].append(df)
     return times
 
 
@@ -137,6 +149,7 @@ def summary(times: dict[str, list[float]]) -> dict[str, float]:
         "p10_ms": 1000 * float(np.percentile(times["wall"], 10)),
         "p90_ms": 1000 * float(np.percentile(times["wall"], 90)),
         "cpu_median_ms": 1000 * statistics.median(times["cpu"]),
+        "minor_faults_median": statistics.median(times["faults"]) if times.get("faults") else None,
         "repeats": len(times["wall"]),
     }
 
@@ -161,8 +174,7 @@ def latency_one(plain: torch.nn.Module, guarded: Guarded, x: torch.Tensor, repea
     forward = plain_forward(plain)
 
     def score_only() -> None:
-        det = detector.score(feats, pred)
-        [det.item(j, detector.layer_names) for j in range(len(x))]
+        detector.score(feats, pred).items(detector.layer_names)
 
     times = time_interleaved(
         {"plain": lambda: forward(x), "guarded": lambda: guarded(x), "score": score_only}, repeats, warmup
@@ -182,12 +194,17 @@ def latency(
     """``latency_one`` per batch size; the guarded model is a deep copy so the plain one carries no hooks."""
     guarded = Guarded(copy.deepcopy(model), detector)
     out: dict[str, Any] = {}
-    for b in batches:
+    # Inputs as a TorchServe handler's torch.stack makes them (contiguous NCHW), plus the largest batch in the
+    # channels_last layout, where every monitored output must be copied to NCHW order to be scored.
+    cases = [(str(b), b, torch.contiguous_format) for b in batches]
+    cases.append((f"{max(batches)}, channels_last", max(batches), torch.channels_last))
+    for key, b, layout in cases:
         n = repeats * 4 if b == 1 else repeats  # batch 1 is cheap and its few-ms timings are the noisiest
-        r = out[str(b)] = latency_one(model, guarded, to_tensor(x_pool[:b]), n, warmup)
+        x = to_tensor(x_pool[:b]).contiguous(memory_format=layout)
+        r = out[key] = latency_one(model, guarded, x, n, warmup)
         log(
-            f"  batch {b}: plain {r['plain']['cpu_median_ms']:.2f} ms, guarded {r['guarded']['cpu_median_ms']:.2f} ms"
-            f" (CPU time), added {100 * (r['cpu_ratio_of_medians'] - 1):+.1f}% (wall: "
+            f"  batch {key}: plain {r['plain']['cpu_median_ms']:.2f} ms, guarded {r['guarded']['cpu_median_ms']:.2f} "
+            f"ms (CPU time), added {100 * (r['cpu_ratio_of_medians'] - 1):+.1f}% (wall: "
             f"{100 * (r['wall_ratio_of_medians'] - 1):+.1f}%)"
         )
     guarded.capture.detach()
@@ -204,8 +221,8 @@ def peer_costs(
     strip_n: int,
 ) -> dict[str, Any]:
     """Per-input cost of every detector as a ratio of one plain forward pass, same batch, interleaved."""
-    x = to_tensor(x_pool[:batch])
-    ref = to_tensor(x_pool)
+    x = to_tensor(x_pool[:batch]).contiguous()
+    ref = to_tensor(x_pool).contiguous()
     guard_model = copy.deepcopy(model)
     guarded = Guarded(guard_model, detector)
     strip = Strip(model, ref, n=strip_n, batch=max(batch * strip_n, 1))
@@ -323,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-per-class", type=int, default=30, help="calibration images per class for the artifacts")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--models", default="resnet20,resnet18_cifar")
+    p.add_argument("--allocator", choices=("hold", "default"), default="hold",
+                   help="hold: glibc keeps freed memory, so timings measure the work, not page faults (default); "
+                   "default: glibc as it comes")
     p.add_argument("--out", type=Path, default=None)
     # internal: memory measurement in a fresh process
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -336,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t_start = time.time()
+    allocator = ALLOCATOR_NOTE if args.allocator == "hold" and hold_freed_memory() else "glibc defaults"
     data = load_cifar(args.data or default_data_path())
     idx = stratified(data["y_test"], args.calib_per_class)
     x_cal, y_cal = data["x_test"][idx], data["y_test"][idx]
@@ -378,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": now_utc(),
         "machine": machine_info(),
         "threads": args.threads,
+        "allocator": allocator,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "seconds": round(time.time() - t_start, 1),

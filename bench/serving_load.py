@@ -36,7 +36,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import models as bench_models  # noqa: E402
-from bench.benchutil import REPO_ROOT, command_line, log, machine_info, now_utc, write_result  # noqa: E402
+from bench.benchutil import (  # noqa: E402
+    ALLOCATOR_NOTE,
+    MALLOC_ENV,
+    REPO_ROOT,
+    command_line,
+    hold_freed_memory,
+    log,
+    machine_info,
+    now_utc,
+    write_result,
+)
 from bench.data import default_data_path, load_cifar  # noqa: E402
 from bench.overhead import load_bench_model, stratified  # noqa: E402
 from layerguard.packaging import ReferenceData, encode_png, wrap_mar  # noqa: E402
@@ -311,7 +321,8 @@ def run_arch(arch: str, args: argparse.Namespace, reference: ReferenceData, payl
         config.write_text(PROJECT_CONFIG.read_text() + f"\ngrpc_inference_port={free_port()}\n"
                           f"grpc_management_port={free_port()}\n")
         torchserve_util.PROJECT_CONFIG = config
-        server = TorchServe(root / "server", store, ["cifar_plain=cifar_plain.mar", "cifar_guarded=cifar_guarded.mar"])
+        server = TorchServe(root / "server", store, ["cifar_plain=cifar_plain.mar", "cifar_guarded=cifar_guarded.mar"],
+                            env=MALLOC_ENV if args.allocator == "hold" else None)
         t0 = time.time()
         server.start(timeout=240)
         startup = time.time() - t0
@@ -388,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-threads", type=int, default=1, help="OMP_NUM_THREADS of the TorchServe workers")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     p.add_argument("--workdir", type=Path, default=None, help="keep archives and server logs here")
+    p.add_argument("--allocator", choices=("hold", "default"), default="hold",
+                   help="hold: glibc keeps freed memory in this process and the TorchServe workers (default); "
+                   "default: glibc as it comes")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
@@ -399,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     # shared 2-core machine, threads wait on each other and everything runs many times slower.
     os.environ["OMP_NUM_THREADS"] = str(args.worker_threads)
     t_start = time.time()
+    allocator = ALLOCATOR_NOTE if args.allocator == "hold" and hold_freed_memory() else "glibc defaults"
     data = load_cifar(args.data or default_data_path())
     ref_idx = stratified(data["y_test"], 100)
     reference = ReferenceData(
@@ -416,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": now_utc(),
         "machine": machine_info(),
         "seconds": round(time.time() - t_start, 1),
+        "allocator": allocator,
         "archs": per_arch,
     }
     path = write_result("serving_load", payload, args.out)

@@ -80,8 +80,14 @@ class Detection:
     poisoned: torch.Tensor  # [B] bool
 
     def item(self, i: int, layer_names: tuple[str, ...]) -> dict:
-        """JSON-ready annotation for one item."""
-        return self.items(layer_names)[i]
+        """JSON-ready annotation for one item (for a whole batch, `items` converts once)."""
+        return {
+            "poisoned": bool(self.poisoned[i]),
+            "score": float(self.scores[i]),
+            "threshold": float(self.thresholds[i]),
+            "layer_of_interest": layer_names[int(self.layer_of_interest[i])],
+            "similarities": dict(zip(layer_names, self.similarities[i].tolist())),
+        }
 
     def items(self, layer_names: tuple[str, ...]) -> list[dict]:
         """JSON-ready annotations for the whole batch: one conversion to Python lists, not one per value."""

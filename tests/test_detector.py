@@ -77,6 +77,12 @@ def test_detector_scores_against_predicted_class():
     item = out.item(1, ("a", "b"))
     assert item["poisoned"] is True and item["layer_of_interest"] == "b"
     assert set(item["similarities"]) == {"a", "b"}
+    assert out.items(("a", "b")) == [out.item(i, ("a", "b")) for i in range(2)]
+    # the same verdicts from similarities computed elsewhere (how an evaluation rescoring one pass uses it)
+    again = det.score_similarities(out.similarities, out.predicted)
+    assert torch.equal(again.poisoned, out.poisoned) and torch.allclose(again.scores, out.scores)
+    with pytest.raises(ValueError, match="do not match"):
+        det.score_similarities(out.similarities[:, :1], out.predicted)
 
 
 def test_detector_refuses_out_of_range_prediction():

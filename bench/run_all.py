@@ -332,7 +332,10 @@ def overhead_section(ov: dict[str, Any]) -> list[str]:
               "two medians does not, so when they disagree the machine's speed moved during the run. "
               "\"Scoring alone\" times "
               "`Detector.score` + the notes on captured features, without the forward pass: the part of the "
-              "overhead that does not depend on noise in the forward pass. Target: under 5% at batch 32.", ""]
+              "overhead that does not depend on noise in the forward pass. Inputs are contiguous NCHW, as a "
+              "handler's `torch.stack` makes them; the channels_last rows feed the same images in that layout, "
+              "where each monitored output is copied into NCHW order to be scored. Target: under 5% at batch 32.",
+              ""]
     r20 = ov["models"].get("resnet20", {})
     peers = r20.get("peers_batch32")
     if peers:

@@ -89,8 +89,9 @@ def rss_bytes() -> int:
 # glibc gives freed memory back to the OS (trim, munmap) once it passes a threshold; the next call that needs
 # it pays page faults again. Which of two alternating calls pays depends on the order, not on the work: on
 # ResNet-20 at batch 32 one side paid ~1,500 minor faults a call and the other none, swinging the measured
-# overhead by +-15%. Holding freed memory (as jemalloc and tcmalloc do, the allocators that CPU tuning guides
-# for PyTorch suggest) measures the work itself. 32 MiB is glibc's largest mmap threshold.
+# overhead by +-15% (`bench/overhead.py --allocator default` records the faults per call). Holding freed
+# memory (as jemalloc and tcmalloc do, the allocators that CPU tuning guides for PyTorch suggest) measures
+# the work itself. 32 MiB is glibc's largest mmap threshold.
 HOLD_FREED_MEMORY = 32 * 1024 * 1024
 MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(HOLD_FREED_MEMORY), "MALLOC_MMAP_THRESHOLD_": str(HOLD_FREED_MEMORY)}
 ALLOCATOR_NOTE = ("glibc told to keep freed memory (trim and mmap thresholds 32 MiB, via mallopt / "

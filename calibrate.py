@@ -3,7 +3,7 @@
 
 import sys
 
-from layerguard.cli import main
+from layerguard.tooling.cli import calibrate_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(calibrate_main())

@@ -10,7 +10,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["layerguard", "layerguard.*"]),
-    py_modules=["calibrate", "handler"],
     # torch is installed first by the Makefile (pinned CPU wheel); a range here never upgrades it.
     install_requires=[
         "torch>=2.1",
@@ -26,8 +25,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "layerguard-calibrate=layerguard.cli:main",
-            "layerguard=layerguard.cli:layerguard_main",
+            "layerguard-calibrate=layerguard.tooling.cli:calibrate_main",
+            "layerguard=layerguard.tooling.cli:main",
         ]
     },
 )

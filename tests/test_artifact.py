@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from layerguard.artifact import ArtifactError, CalibrationArtifact
-from layerguard.calibration import CalibrationConfig, calibrate
-from layerguard.layers import default_plan, discover_layers
+from layerguard.core.artifact import ArtifactError, CalibrationArtifact, model_fingerprint
+from layerguard.core.layers import default_plan, discover_layers
+from layerguard.tooling.calibration import CalibrationConfig, calibrate
+
+KEY = b"0123456789abcdef-ops-team-key"
 
 
 def _tiny_model(seed=0):
@@ -35,12 +37,19 @@ def test_round_trip(artifact_and_model):
     path, model, art = artifact_and_model
     loaded = CalibrationArtifact.load(path)
     loaded.check_model(model)
-    assert loaded.layer_names == art.layer_names
-    for n in art.layer_names:
-        assert np.array_equal(loaded.centroids[n], art.centroids[n])
-    assert np.array_equal(loaded.loi, art.loi)
-    assert np.allclose(loaded.thresholds(), art.thresholds())
-    assert loaded.meta["threshold"] == {"tau": 2.5}
+    assert loaded.meta == art.meta and loaded.layer_names == art.layer_names
+    assert set(loaded.arrays) == set(art.arrays)
+    for key, value in art.arrays.items():
+        assert np.array_equal(loaded.arrays[key], value), key
+    assert np.array_equal(loaded.detector().thresholds, art.detector().thresholds)
+    assert loaded.meta.threshold == {"target_fpr": 0.01} and loaded.meta.rule == "mahalanobis"
+    x = torch.rand(4, 1, 8, 8)
+    from layerguard.core.capture import LayerCapture
+
+    with LayerCapture(model, art.layer_names) as cap:
+        out, feats = cap.run(x)
+    a, b = art.detector().score(feats, out.argmax(1)), loaded.detector().score(feats, out.argmax(1))
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.poisoned, b.poisoned)
 
 
 def test_loading_never_unpickles(artifact_and_model, monkeypatch):
@@ -64,29 +73,71 @@ def test_edited_array_is_refused(artifact_and_model, tmp_path):
     path, _, art = artifact_and_model
     with np.load(path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    arrays["loi"] = np.zeros_like(arrays["loi"])  # an attacker silencing the detector
-    if np.array_equal(arrays["loi"], art.loi):
-        arrays["loi"] = np.ones_like(arrays["loi"])
+    key = "calibration/benign_scores"
+    arrays[key] = arrays[key] - 100.0  # an attacker silencing the detector
     np.savez(path, **arrays)
     with pytest.raises(ArtifactError, match="modified"):
         CalibrationArtifact.load(path)
 
 
-def test_edited_metadata_is_refused(artifact_and_model):
-    path, _, _ = artifact_and_model
+def _edit_meta(path, **changes):
     with np.load(path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
     meta = json.loads(arrays["meta"].tobytes())
-    meta["kind"] = "something-else"
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    meta.update(changes)
+    arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     np.savez(path, **arrays)
+
+
+def test_edited_metadata_is_refused(artifact_and_model):
+    path, _, _ = artifact_and_model
+    _edit_meta(path, kind="something-else")
     with pytest.raises(ArtifactError, match="not a layerguard"):
         CalibrationArtifact.load(path)
 
 
+def test_edited_threshold_rule_in_metadata_is_refused(artifact_and_model):
+    """The outside probe's attack: `{"tau": 10}` in the metadata silenced the detector and loaded READY."""
+    path, _, _ = artifact_and_model
+    _edit_meta(path, threshold={"tau": 10})
+    with pytest.raises(ArtifactError, match="modified"):
+        CalibrationArtifact.load(path)
+
+
+def test_pasted_fingerprint_is_refused(artifact_and_model):
+    """The other probe attack: an artifact for other weights with the served model's fingerprint pasted in."""
+    path, _, _ = artifact_and_model
+    _edit_meta(path, model_fingerprint=model_fingerprint(_tiny_model(seed=1)))
+    with pytest.raises(ArtifactError, match="modified"):
+        CalibrationArtifact.load(path)
+
+
+def test_signed_artifact_verifies_only_with_its_key(artifact_and_model, tmp_path):
+    _, _, art = artifact_and_model
+    signed = art.save(tmp_path / "signed.npz", signing_key=KEY)
+    assert CalibrationArtifact.load(signed, KEY).signed
+    assert CalibrationArtifact.load(signed).signed  # no key configured: the digest still holds
+    with pytest.raises(ArtifactError, match="does not match the configured key"):
+        CalibrationArtifact.load(signed, b"another-key-of-16-bytes")
+    unsigned = art.save(tmp_path / "unsigned.npz")
+    with pytest.raises(ArtifactError, match="not signed"):
+        CalibrationArtifact.load(unsigned, KEY)
+
+
+def test_recomputed_digest_without_the_key_is_refused(artifact_and_model, tmp_path):
+    """Someone who edits the metadata and recomputes the digest cannot make the signature."""
+    from layerguard.core.artifact import ArtifactMeta
+
+    _, _, art = artifact_and_model
+    forged = CalibrationArtifact(ArtifactMeta(**{**art.meta.__dict__, "threshold": {"tau": 10.0}}), art.arrays)
+    path = forged.save(tmp_path / "forged.npz", signing_key=b"attacker-key-1234567")
+    with pytest.raises(ArtifactError, match="signature"):
+        CalibrationArtifact.load(path, KEY)
+
+
 def test_pickled_content_is_refused(tmp_path):
     path = tmp_path / "evil.npz"
-    np.savez(path, meta=np.array([{"kind": "x"}], dtype=object))
+    np.savez(path, meta=np.array([{"kind": "x"}], dtype=object), seal=np.zeros(3))
     with pytest.raises(ArtifactError):
         CalibrationArtifact.load(path)
 
@@ -96,7 +147,7 @@ def test_missing_and_foreign_files(tmp_path):
         CalibrationArtifact.load(tmp_path / "nope.npz")
     other = tmp_path / "other.npz"
     np.savez(other, x=np.zeros(3))
-    with pytest.raises(ArtifactError, match="no layerguard metadata"):
+    with pytest.raises(ArtifactError, match="no layerguard metadata or seal"):
         CalibrationArtifact.load(other)
     junk = tmp_path / "junk.npz"
     with zipfile.ZipFile(junk, "w") as zf:
@@ -114,13 +165,9 @@ def test_other_model_weights_are_refused(artifact_and_model):
 def test_missing_layer_and_class_count_are_refused(artifact_and_model):
     path, model, _ = artifact_and_model
     art = CalibrationArtifact.load(path)
-    art.meta["model_fingerprint"] = "x"
-    from layerguard.artifact import model_fingerprint
-
     renamed = nn.Sequential(*list(model.children())[:-1])  # the logits layer is gone
-    art.meta["model_fingerprint"] = model_fingerprint(renamed)
     with pytest.raises(ArtifactError, match="no layer"):
-        art.check_model(renamed)
+        art.check_model(renamed, fingerprint=art.meta.model_fingerprint)
     with pytest.raises(ArtifactError, match="10 classes"):
         art.check_output_classes(10)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from layerguard.capture import CaptureError, LayerCapture
-from layerguard.layers import (
+from layerguard.core.capture import CaptureError, LayerCapture
+from layerguard.core.layers import (
     LayerSelectionError,
     all_module_outputs,
     default_plan,
@@ -108,13 +108,13 @@ def test_explicit_layers_checked():
         explicit_plan(["layer1.0.relu"], available)
 
 
-def test_capture_returns_flat_features_and_removes_hooks_on_error():
+def test_capture_returns_layer_outputs_and_removes_hooks_on_error():
     model = ResNet18().eval()
     x = torch.rand(2, 3, 64, 64)
     with LayerCapture(model, ["layer4.1", "fc"]) as cap:
         out, feats = cap.run(x)
     assert feats["fc"].shape == (2, 10) and torch.equal(feats["fc"], out)
-    assert feats["layer4.1"].shape == (2, 32 * 2 * 2)
+    assert feats["layer4.1"].shape == (2, 32, 2, 2)  # as the layer returned it; rules flatten or pool
     assert all(not m._forward_hooks for m in model.modules())
     with pytest.raises(RuntimeError):
         with LayerCapture(model, ["fc"]):
@@ -132,3 +132,17 @@ def test_capture_refuses_layer_modified_in_place():
 def test_capture_unknown_layer():
     with pytest.raises(CaptureError, match="no module named"):
         LayerCapture(nn.Linear(2, 2), ["nope"])
+
+
+def test_stages_list_every_module_they_compute():
+    """A stage is watched at its last module, whose name alone misleads (`flatten` is the third conv block's
+    output): the table shows every module of the stage."""
+    from layerguard.core.layers import format_layer_table
+    from layerguard.demo.mnist_model import MnistNet
+
+    layers = discover_layers(MnistNet(), torch.zeros(1, 1, 28, 28))
+    by_name = {info.name: info for info in layers}
+    assert by_name["flatten"].units == ("features.8", "features.9", "features.10", "features.11", "flatten")
+    assert by_name["relu"].computation == "fc1 -> relu"
+    table = format_layer_table(layers, default_plan(layers))
+    assert "features.8 -> features.9 -> features.10 -> features.11 -> flatten" in table

@@ -13,15 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from layerguard import cli
-from layerguard.artifact import CalibrationArtifact
-from layerguard.calibration import CalibrationConfig, calibrate
-from layerguard.data import ArraySource, ImageTransform
+from layerguard.core.artifact import ArtifactMeta, CalibrationArtifact
+from layerguard.core.detector import DetectorFitter, DetectorSpec
+from layerguard.core.layers import default_plan, discover_layers
+from layerguard.core.thresholds import ThresholdPolicy
 from layerguard.demo import mnist
-from layerguard.detector import ThresholdPolicy
-from layerguard.layers import default_plan, discover_layers
-from layerguard.offline import detection_quality, score_batches
-from layerguard.report import FIGURES, INDEX, ReportError, tau_sweep, write_report
+from layerguard.tooling import cli
+from layerguard.tooling.calibration import CalibrationConfig, calibrate
+from layerguard.tooling.data import ArraySource, ImageTransform
+from layerguard.tooling.evaluation import detection_quality, score_batches
+from layerguard.tooling.report import FIGURES, INDEX, ReportData, ReportError, tau_sweep, write_report
+
+FILES = {f.key: f.filename for f in FIGURES}
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_FILE = ROOT / "layerguard" / "demo" / "mnist_model.py"
@@ -81,8 +84,8 @@ def demo(tmp_path_factory):
     reference = ArraySource(splits.x_ref, splits.y_ref, transform)
     sample = mnist.to_tensor(splits.x_ref[:1])
     plan = default_plan(discover_layers(model, sample))
-    artifact = calibrate(model, lambda: reference.batches(100), plan, 10, CalibrationConfig(),
-                         input_shape=(1, 28, 28))
+    config = CalibrationConfig(rule="cosine-loi", policy=ThresholdPolicy.from_options(tau=2.5))
+    artifact = calibrate(model, lambda: reference.batches(100), plan, 10, config, input_shape=(1, 28, 28))
     detector = artifact.detector()
     keep = splits.y_test != mnist.TARGET_CLASS
     benign = score_batches(model, detector, ArraySource(splits.x_test, splits.y_test, transform).batches(250))
@@ -99,9 +102,10 @@ def demo(tmp_path_factory):
 
 @pytest.mark.slow
 def test_report_with_known_poisoned_has_every_plot_and_a_summary_table(demo, tmp_path):
-    index = write_report(tmp_path / "report", demo["artifact"], benign=demo["benign"], poisoned=demo["poisoned"],
-                         target_class=mnist.TARGET_CLASS, benign_label="held-out benign")
-    assert_valid_report(index, set(FIGURES.values()))
+    index = write_report(tmp_path / "report", ReportData(demo["artifact"], benign=demo["benign"],
+                                                         poisoned=demo["poisoned"], target_class=mnist.TARGET_CLASS,
+                                                         benign_label="held-out benign"))
+    assert_valid_report(index, set(FILES.values()))
     page = index.read_text()
     for c in range(10):  # one summary row per class, with its layer of interest
         assert f"<td>{c}</td>" in page
@@ -113,8 +117,6 @@ def test_report_with_known_poisoned_has_every_plot_and_a_summary_table(demo, tmp
 def test_tau_sweep_agrees_with_the_offline_evaluation(demo):
     """At the calibrated tau the report's TPR/FPR are exactly what detection_quality reports."""
     quality = detection_quality(demo["benign"], demo["poisoned"], mnist.TARGET_CLASS)
-    from layerguard.report import ReportData
-
     points = tau_sweep(ReportData(demo["artifact"], demo["benign"], "benign", demo["poisoned"], mnist.TARGET_CLASS))
     at = {p.tau: p for p in points}
     assert [p.tau for p in points] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
@@ -128,68 +130,99 @@ def test_tau_sweep_agrees_with_the_offline_evaluation(demo):
 def test_calibrate_cli_writes_the_report(demo, tmp_path, capsys):
     """`calibrate.py --report DIR` with known-poisoned and held-out images: the call shape cli.py uses."""
     f = demo["files"]
-    rc = cli.main(["--model-file", str(MODEL_FILE), "--weights", str(f["weights"]), "--data", str(f["ref"]),
+    rc = cli.calibrate_main(["--model-file", str(MODEL_FILE), "--weights", str(f["weights"]), "--data", str(f["ref"]),
                    "--channels", "1", "--benign-test", str(f["test"]), "--poisoned", str(f["poisoned"]),
                    "--target-class", "7", "-o", str(tmp_path / "art.npz"), "--report", str(tmp_path / "rep"),
                    "--quiet"])
     assert rc == 0
     out = capsys.readouterr().out
     assert f"report: {tmp_path / 'rep' / INDEX}" in out
-    assert_valid_report(tmp_path / "rep" / INDEX, set(FIGURES.values()))
+    assert_valid_report(tmp_path / "rep" / INDEX, set(FILES.values()))
     assert "held-out benign" in (tmp_path / "rep" / INDEX).read_text()
 
 
 @pytest.mark.slow
 def test_report_without_poisoned_samples_has_no_roc_and_says_how_to_get_one(demo, tmp_path):
-    """Reference data only: the benign distributions (scored in-sample) and FPR against tau, no TPR."""
-    index = write_report(tmp_path / "rep", demo["artifact"], model=demo["model"], reference=demo["reference"])
-    expected = {FIGURES["similarity"], FIGURES["scores"], FIGURES["tau"]}
-    assert_valid_report(index, expected)
-    page = index.read_text()
-    assert "--poisoned" in page and "in-sample" in page
-    assert not (tmp_path / "rep" / FIGURES["roc"]).exists()
+    """A held-out benign set only: the benign distributions and FPR against tau, no TPR and no ROC."""
+    index = write_report(tmp_path / "rep", ReportData(demo["artifact"], benign=demo["benign"],
+                                                      benign_label="held-out benign"))
+    assert_valid_report(index, {FILES["similarity"], FILES["scores"], FILES["tau"]})
+    assert "--poisoned" in index.read_text()
+    assert not (tmp_path / "rep" / FILES["roc"]).exists()
 
 
-def test_artifact_alone_plots_the_calibration_histograms(tmp_path):
+def test_artifact_alone_plots_the_out_of_fold_calibration_scores(tmp_path):
     """No model and no data: the plots come from the artifact's own statistics; many classes are capped."""
     artifact = synthetic_artifact(num_classes=30, layers=5)
-    index = write_report(tmp_path / "rep", artifact)
-    assert_valid_report(index, {FIGURES["similarity"], FIGURES["scores"]})
+    index = write_report(tmp_path / "rep", ReportData(artifact))
+    assert_valid_report(index, {FILES["similarity"], FILES["scores"], FILES["tau"]})
     page = index.read_text()
     assert "25 of 30 classes" in page and page.count("<tr>") >= 31
+    assert "cross-fitted" in page
+
+
+def test_figures_read_on_their_own(demo, tmp_path):
+    """Every figure names its axes and spells out the layer of interest; the score figure states the threshold
+    rule and the delivered FPR (a PNG pasted into a ticket must read without the page)."""
+    data = ReportData(demo["artifact"], benign=demo["benign"], poisoned=demo["poisoned"],
+                      target_class=mnist.TARGET_CLASS, benign_label="held-out benign")
+    from layerguard.tooling import report
+
+    captured = []
+    real = report._figure_class()
+
+    def spy(**kwargs):
+        fig = real(**kwargs)
+        captured.append(fig)
+        return fig
+
+    for fig_spec in FIGURES:
+        fig_spec.plot(spy, data, tau_sweep(data), tmp_path / fig_spec.filename)
+    texts = []
+    for fig in captured:
+        for ax in fig.axes:
+            if ax.get_visible() and ax.has_data():
+                assert ax.get_ylabel(), fig_spec
+        texts.append(" ".join(t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text"))))
+    similarity, scores = texts[0], texts[1]
+    assert "layer of interest" in similarity and "LOI" not in similarity
+    assert "threshold" in scores and "delivered FPR" in scores
+    for fig in captured[:2]:
+        assert fig.legends, "small multiples carry one shared legend"
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ReportError, match=r"pip install layerguard\[report\]"):
-        write_report(tmp_path / "rep", synthetic_artifact())
+        write_report(tmp_path / "rep", ReportData(synthetic_artifact()))
     assert not (tmp_path / "rep").exists()
 
 
 def test_serving_never_imports_matplotlib():
-    code = ("import sys, layerguard.serving, layerguard.packaging, layerguard.cli; "
-            "bad = [m for m in ('matplotlib', 'layerguard.report') if m in sys.modules]; "
+    code = ("import sys, layerguard.serving.entry, layerguard.tooling.wrap, layerguard.tooling.cli; "
+            "bad = [m for m in ('matplotlib', 'layerguard.tooling.report') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr + done.stdout
 
 
-def synthetic_artifact(num_classes: int = 3, layers: int = 4, bins: int = 64) -> CalibrationArtifact:
-    """A consistent artifact without a model: rising similarity curves and Gaussian score histograms."""
+def synthetic_artifact(num_classes: int = 3, layers: int = 4) -> CalibrationArtifact:
+    """A consistent artifact without a model: class-clustered random features through the real fitter."""
     rng = np.random.default_rng(0)
     names = tuple(f"block{i}" for i in range(layers))
-    sim_mean = np.clip(np.linspace(0.5, 0.95, layers)[None] + rng.normal(0, 0.02, (num_classes, layers)), 0, 1)
-    score_mean = rng.uniform(2.5, 2.8, num_classes)
-    score_std = rng.uniform(0.05, 0.15, num_classes)
-    edges = np.linspace(0.0, 3.0, bins + 1)
-    centers = (edges[:-1] + edges[1:]) / 2
-    hist = np.stack([np.round(50 * np.exp(-0.5 * ((centers - m) / s) ** 2)) for m, s in zip(score_mean, score_std)])
-    return CalibrationArtifact(
-        layer_names=names, centroids={n: np.ones((num_classes, 4), np.float32) for n in names},
-        sim_mean=sim_mean, sim_std=np.full((num_classes, layers), 0.03), loi=np.full(num_classes, layers - 1),
-        score_mean=score_mean, score_std=score_std, score_hist=hist.astype(np.int64),
-        counts_centroid=np.full(num_classes, 25), counts_threshold=np.full(num_classes, 25),
-        meta={"num_classes": num_classes, "threshold": ThresholdPolicy().as_dict(), "hist_range": [0.0, 3.0, bins],
-              "total_layers": layers + 1, "holdout_fraction": 0.5, "model_fingerprint": "0" * 64},
-    )
+    labels = np.repeat(np.arange(num_classes), 20)
+    centers = rng.normal(size=(num_classes, 8))
+    feats = {n: torch.from_numpy(centers[labels] * (i + 1) + rng.normal(size=(len(labels), 8))).float()
+             for i, n in enumerate(names)}
+    spec = DetectorSpec(rule="mahalanobis", layer_names=names, num_classes=num_classes, loi_search_start=1,
+                        penultimate=names[-2], folds=2)
+    fitter = DetectorFitter(spec)
+    fitter.update(feats, torch.from_numpy(labels))
+    fitter.fit()
+    fitter.update_out_of_fold(feats, torch.from_numpy(labels))
+    meta = ArtifactMeta(rule="mahalanobis", rule_options={}, layer_names=names, num_classes=num_classes,
+                        class_names=tuple(str(c) for c in range(num_classes)), threshold=ThresholdPolicy().as_dict(),
+                        folds=2, loi_search_start=1, total_layers=layers + 1, penultimate=names[-2],
+                        model_fingerprint="0" * 64)
+    return CalibrationArtifact.from_detector(fitter.detector(ThresholdPolicy()), meta)

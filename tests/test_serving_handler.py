@@ -8,15 +8,17 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from torchserve_util import build_original_mar, digit_pngs, guarded_archives
 
-from layerguard.artifact import ArtifactError
-from layerguard.packaging import set_requests, wrap_mar
-from layerguard.policy import PolicyError
-from layerguard.serving import GuardLoadError, guardable_model, model_dir_imports
+from layerguard.serving.entry import guard_for
+from layerguard.serving.inner import GuardLoadError, guardable_model, model_dir_imports
+from layerguard.tooling.data import ArraySource
+from layerguard.tooling.worker import set_requests
+from layerguard.tooling.wrap import WrapConfig, wrap_mar
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +46,22 @@ def extract(mar: Path, dest: Path, mutate=None) -> Path:
 class Served:
     """A model loaded the way a worker loads it: ts.model_loader + layerguard_handler.py."""
 
-    def __init__(self, model_dir: Path, batch_size: int = 8) -> None:
+    def __init__(self, model_dir: Path, batch_size: int = 8, name: str = "mnist") -> None:
         from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
         from ts.model_loader import TsModelLoader
 
         self.metrics = MetricsCacheYamlImpl(str(Path(__file__).parents[1] / "layerguard" / "ts_metrics.yaml"))
         self.metrics.initialize_cache()
         with model_dir_imports(model_dir):
-            self.service = TsModelLoader().load("mnist", str(model_dir.resolve()), "layerguard_handler.py", None,
+            self.service = TsModelLoader().load(name, str(model_dir.resolve()), "layerguard_handler.py", None,
                                                 batch_size, None, True, self.metrics)
         self.context = self.service.context
+        self.guard = guard_for(str(model_dir.resolve()))
 
-    def __call__(self, payloads: list[bytes]) -> list[tuple[int, dict, dict]]:
+    def __call__(self, payloads: list[bytes], headers: list[dict] | None = None) -> list[tuple[int, dict, dict]]:
         """(status, response headers, body) per request of one batch."""
         data = [{"data": p} for p in payloads]
-        set_requests(self.context, len(data))
+        set_requests(self.context, len(data), headers)
         out = self.service._entry_point(data, self.context)
         assert len(out) == len(data)
         return [(self.context.get_response_status(i)[0], self.context.get_response_headers(i), out[i])
@@ -81,8 +84,9 @@ def test_annotates_in_the_inner_handlers_shape(served, images):
         assert status == 200
         assert {"class", "probability", "probabilities", "layerguard"} <= set(body)
         note = body["layerguard"]
-        assert set(note) == {"poisoned", "score", "threshold", "layer_of_interest", "similarities"}
-        assert set(note["similarities"]) == set(served.service._entry_point.__self__.artifact.layer_names)
+        assert set(note) == {"poisoned", "score", "threshold", "layer_of_interest", "similarities", "terms"}
+        assert set(note["similarities"]) == set(served.guard.artifact.layer_names)
+        assert set(note["terms"]) == set(served.guard.detector.rule.term_layers)
         assert headers["X-LayerGuard-Poisoned"] == ("true" if note["poisoned"] else "false")
     accuracy = sum(body["class"] == int(y) for (_, _, body), y in zip(results, labels[:8])) / 8
     assert accuracy >= 0.75
@@ -131,14 +135,14 @@ def test_first_batch_records_every_metric_later_batches_only_those_that_moved(ar
 
     fresh(clean[:2])
     assert recorded() == {"LayerGuardInputsChecked", "LayerGuardInputsFlagged", "LayerGuardErrors",
-                          "LayerGuardInvalidInputs", "LayerGuardDetectionLatency"}
+                          "LayerGuardInvalidInputs", "LayerGuardDetectionLatency", "LayerGuardExpectedFlagRate"}
     assert fresh(clean[2:4] + [b"junk"])[2][0] == 400
     assert recorded() == {"LayerGuardInputsChecked", "LayerGuardInvalidInputs", "LayerGuardDetectionLatency"}
 
 
 def test_detector_failure_is_a_per_item_500_and_counted(served, images, monkeypatch, caplog):
     clean, _, _ = images
-    handler = served.service._entry_point.__self__
+    handler = served.guard
 
     def broken(*_args, **_kw):
         raise RuntimeError("centroids on fire")
@@ -176,31 +180,92 @@ def test_tau_override_moves_the_threshold(archives, tmp_path, served, images):
     assert note["threshold"] < base["threshold"]
 
 
+def refused(model_dir: Path, images) -> str:
+    """Load a broken model dir: the worker must load, and answer every request with a prompt 503 + reason."""
+    served = Served(model_dir)
+    results = served([images[0][0], images[0][1]])
+    assert [r[0] for r in results] == [503, 503]
+    assert all(r[2]["error"] == "model refused to load" and r[1]["X-LayerGuard-Guarded"] == "false"
+               for r in results)
+    return results[0][2]["reason"]
+
+
 @pytest.mark.parametrize("block, message", [
     ({"polcy": "reject"}, "unknown key(s) polcy"),
     ({"policy": "block"}, "must be one of annotate, reject"),
-    ({"tau": 1.0, "target_fpr": 0.01}, "exactly one of tau and target_fpr"),
+    ({"tau": 1.0, "target_fpr": 0.01}, "--tau or --target-fpr, not both"),
+    ({"response": "tiny"}, "must be one of full, compact"),
 ])
-def test_bad_policy_refused_at_load(archives, tmp_path, block, message):
+def test_bad_policy_refused_at_load(archives, tmp_path, images, block, message):
     model_dir = extract(archives["guarded"], tmp_path / "d", lambda c: c["handler"]["layerguard"].update(block))
-    with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        Served(model_dir)
+    assert message in refused(model_dir, images)
 
 
-def test_other_weights_refused_at_load(archives, tmp_path):
+def test_other_weights_refused_at_load(archives, tmp_path, images):
     model_dir = extract(archives["guarded"], tmp_path / "d")
     state = torch.load(model_dir / "mnist_model.pt", weights_only=True)
     state["fc2.bias"] = state["fc2.bias"] + 0.01
     torch.save(state, model_dir / "mnist_model.pt")
-    with pytest.raises(ArtifactError, match="other model weights"):
-        Served(model_dir)
+    assert "other model weights" in refused(model_dir, images)
 
 
-def test_missing_artifact_refused_at_load(archives, tmp_path):
+def test_missing_artifact_refused_at_load(archives, tmp_path, images):
     model_dir = extract(archives["guarded"], tmp_path / "d")
     (model_dir / "layerguard_calibration.npz").unlink()
-    with pytest.raises(ArtifactError, match="not found"):
-        Served(model_dir)
+    assert "not found" in refused(model_dir, images)
+
+
+def test_refusal_is_counted_in_a_metric(archives, tmp_path, images, caplog):
+    model_dir = extract(archives["guarded"], tmp_path / "d")
+    (model_dir / "layerguard_calibration.npz").unlink()
+    caplog.set_level(logging.INFO)
+    Served(model_dir)([images[0][0]] * 3)
+    lines = [r.getMessage() for r in caplog.records if "[METRICS]LayerGuardGuardRefused" in r.getMessage()]
+    assert any("LayerGuardGuardRefused.Count:3|" in line for line in lines), lines
+
+
+def test_signing_key_configured_refuses_an_unsigned_artifact(archives, tmp_path, images, monkeypatch):
+    key = tmp_path / "key"
+    key.write_text("0123456789abcdef0123456789abcdef")
+    monkeypatch.setenv("LAYERGUARD_SIGNING_KEY_FILE", str(key))
+    assert "is not signed" in refused(extract(archives["guarded"], tmp_path / "d"), images)
+
+
+def test_form_encoded_body_names_the_content_type_and_the_fix(served, images):
+    # TorchServe form-decodes such a body: the image bytes never reach the handler (the probe saw b"")
+    status, _, body = served([b""], [{"content-type": "application/x-www-form-urlencoded"}])[0]
+    assert status == 415
+    assert "application/x-www-form-urlencoded" in body["reason"] and "application/octet-stream" in body["reason"]
+
+
+def test_default_pixel_cap_follows_the_calibrated_input_size(served, images):
+    from PIL import Image
+
+    from layerguard.serving.inputs import default_max_pixels
+
+    assert served.guard.max_image_pixels == default_max_pixels((1, 28, 28)) == 1 << 20
+    assert default_max_pixels((3, 224, 224)) == 64 * 224 * 224
+    assert default_max_pixels(None) == 25_000_000
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (1500, 1500)).save(buf, format="PNG")  # 2.25 MP: fine for Pillow's default, not for 28x28
+    big, small = served([buf.getvalue(), images[0][0]])
+    assert big[0] == 413 and "1048576 pixels" in big[2]["reason"]
+    assert small[0] == 200
+
+
+def test_handler_time_is_recorded_like_base_handler(served, images, caplog):
+    caplog.set_level(logging.INFO)
+    served([images[0][0]])
+    assert any("[METRICS]HandlerTime." in r.getMessage() for r in caplog.records), caplog.text[-2000:]
+
+
+def test_compact_response_drops_per_layer_detail(archives, tmp_path, images):
+    compact = Served(extract(archives["guarded"], tmp_path / "d",
+                             lambda c: c["handler"]["layerguard"].update(response="compact")))
+    note = compact([images[0][0]])[0][2]["layerguard"]
+    assert set(note) == {"poisoned", "score", "threshold", "layer_of_interest"}
 
 
 def test_torchscript_refused_with_what_to_ship(tmp_path, backdoored_mnist):
@@ -208,16 +273,13 @@ def test_torchscript_refused_with_what_to_ship(tmp_path, backdoored_mnist):
     with pytest.raises(GuardLoadError, match="TorchScript.*Ship the eager model"):
         guardable_model(torch.jit.script(model), {"model": {}}, str(tmp_path), torch.device("cpu"))
     mar = build_original_mar(tmp_path, model, fmt="torchscript")
-    from layerguard.packaging import ReferenceData
-
     with pytest.raises(GuardLoadError, match="TorchScript"):
-        wrap_mar(mar, ReferenceData([b""], torch.zeros(1, dtype=torch.int64).numpy(), None, ["x"]), tmp_path / "out")
+        wrap_mar(mar, ArraySource(np.zeros((1, 28, 28), np.uint8), np.zeros(1, np.int64)),
+                 WrapConfig(out_dir=tmp_path / "out"))
 
 
 def test_torch_export_program_is_guarded_through_unflatten(tmp_path, images, backdoored_mnist, mnist_splits):
     from torchserve_util import ASSETS
-
-    from layerguard.packaging import ReferenceData, encode_png
 
     model, splits = backdoored_mnist, mnist_splits
     work = tmp_path / "export"
@@ -227,12 +289,48 @@ def test_torch_export_program_is_guarded_through_unflatten(tmp_path, images, bac
     # the export handler imports mnist_handler: ship it in the original archive like a user would
     with zipfile.ZipFile(mar, "a") as zf:
         zf.write(work / "mnist_handler.py", "mnist_handler.py")
-    reference = ReferenceData([encode_png(x) for x in splits.x_ref[:300]], splits.y_ref[:300], None,
-                              [str(i) for i in range(300)])
-    guarded = wrap_mar(mar, reference, tmp_path / "store").mar_path
+    reference = ArraySource(splits.x_ref[:300], splits.y_ref[:300])
+    guarded = wrap_mar(mar, reference, WrapConfig(out_dir=tmp_path / "store")).mar_path
     served = Served(extract(guarded, tmp_path / "d"))
-    handler = served.service._entry_point.__self__
-    assert type(handler.model).__name__ == "UnflattenedModule"
+    assert type(served.guard.model).__name__ == "UnflattenedModule"
     clean, triggered, _ = images
     assert sum(flagged(served(triggered[:16]))) >= 12
     assert sum(flagged(served(clean[:16]))) <= 3
+
+
+def wrap_with_handler(tmp_path, model, splits, handler: str, extra_handler: bool = False) -> Path:
+    """A guarded archive of an original whose handler is tests/serving_assets/<handler>."""
+    from torchserve_util import ASSETS
+
+    mar = build_original_mar(tmp_path / "orig", model, name="custom", handler=ASSETS / handler)
+    if extra_handler:  # the handler imports mnist_handler: ship it in the original like a user would
+        with zipfile.ZipFile(mar, "a") as zf:
+            zf.write(ASSETS / "mnist_handler.py", "mnist_handler.py")
+    return wrap_mar(mar, ArraySource(splits.x_ref, splits.y_ref), WrapConfig(out_dir=tmp_path / "store")).mar_path
+
+
+def test_inner_handle_override_keeps_working_and_is_annotated(tmp_path, images, backdoored_mnist, mnist_splits):
+    guarded = wrap_with_handler(tmp_path, backdoored_mnist, mnist_splits, "mnist_own_handle.py")
+    served = Served(extract(guarded, tmp_path / "d"), name="custom")
+    assert served.guard.delegates_handle
+    clean, triggered, _ = images
+    results = served(clean[:4] + triggered[:4] + [b"junk"])
+    assert [r[0] for r in results] == [200] * 8 + [400]  # the bad item alone fails (retried one by one)
+    for _, _, body in results[:8]:
+        assert body["handled_by"] == "own handle" and "layerguard" in body
+    assert sum(b["layerguard"]["poisoned"] for _, _, b in results[4:8]) >= 3
+    assert sum(b["layerguard"]["poisoned"] for _, _, b in results[:4]) <= 1
+    # explain and describe go to the inner handle untouched
+    assert served([clean[0]], [{"describe": "True"}])[0][2] == {"description": "digits, own handle"}
+    assert served([clean[0]], [{"explain": "True"}])[0][2] == {"explanation": "own explain", "n": 1}
+
+
+def test_inner_postprocess_override_keeps_its_shape(tmp_path, images, backdoored_mnist, mnist_splits):
+    guarded = wrap_with_handler(tmp_path, backdoored_mnist, mnist_splits, "mnist_postprocess_only.py",
+                                extra_handler=True)
+    served = Served(extract(guarded, tmp_path / "d"), name="custom")
+    assert not served.guard.delegates_handle
+    status, _, body = served([images[1][0]])[0]
+    assert status == 200 and set(body) == {"digit", "confidence", "layerguard"}
+    assert body["layerguard"]["poisoned"] is True
+    assert served([images[0][0]], [{"describe": "True"}])[0][2] == {"description": "digits, postprocess only"}

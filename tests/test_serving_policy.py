@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from layerguard.detector import ThresholdPolicy
-from layerguard.packaging import WrapError, _guarded_config
-from layerguard.policy import PolicyError, ServingPolicy, parse_policy
+from layerguard.core.thresholds import ThresholdPolicy
+from layerguard.serving.policy import PolicyError, ServingPolicy, parse_policy
+from layerguard.tooling.wrap import WrapError, guarded_model_config
 
 
 def config(**block) -> dict:
@@ -18,7 +18,7 @@ def test_defaults_and_round_trip():
     assert policy == ServingPolicy(inner_handler="h.py")
     assert not policy.rejects and policy.threshold is None
     strict = ServingPolicy("h.py:Cls", action="reject", threshold=ThresholdPolicy(tau=None, target_fpr=0.02),
-                           reject_status=451)
+                           reject_status=451, max_image_pixels=5000, response="compact")
     assert parse_policy({"handler": {"layerguard": strict.to_config()}}) == strict
 
 
@@ -39,10 +39,10 @@ def test_refusals_name_the_key(cfg, message):
 
 def test_wrap_keeps_the_originals_config_and_handler_keys():
     original = {"minWorkers": 2, "maxWorkers": 2, "handler": {"profile": True, "labels": "x.json"}}
-    guarded = _guarded_config(original, ServingPolicy("h.py", action="reject"), batch_size=4, max_batch_delay=50)
+    guarded = guarded_model_config(original, ServingPolicy("h.py", action="reject"), batch_size=4, max_batch_delay=50)
     assert guarded["handler"]["profile"] is True and guarded["handler"]["labels"] == "x.json"
     assert guarded["handler"]["layerguard"] == {"inner_handler": "h.py", "policy": "reject"}
     assert (guarded["minWorkers"], guarded["batchSize"], guarded["maxBatchDelay"]) == (2, 4, 50)
     assert "layerguard" not in original["handler"]
     with pytest.raises(WrapError, match="at least 1"):
-        _guarded_config({}, ServingPolicy("h.py"), batch_size=0, max_batch_delay=50)
+        guarded_model_config({}, ServingPolicy("h.py"), batch_size=0, max_batch_delay=50)

@@ -110,13 +110,13 @@ def guarded_archives(root: Path, model: torch.nn.Module, splits) -> dict[str, Pa
     caller's `root` and reused by later callers in the same test session."""
     if "store" in _BUILT:
         return _BUILT["store"]
-    from layerguard.packaging import ReferenceData, encode_png, wrap_mar
+    from layerguard.tooling.data import ArraySource
+    from layerguard.tooling.wrap import WrapConfig, wrap_mar
 
     original = build_original_mar(root / "original", model)
-    reference = ReferenceData([encode_png(x) for x in splits.x_ref], splits.y_ref, None,
-                              [f"ref[{i}]" for i in range(len(splits.y_ref))])
+    reference = ArraySource(splits.x_ref, splits.y_ref, origin="ref")
     store = root / "model-store"
-    guarded = wrap_mar(original, reference, store, batch_size=8, max_batch_delay=200).mar_path
+    guarded = wrap_mar(original, reference, WrapConfig(out_dir=store, batch_size=8, max_batch_delay=200)).mar_path
     reject = with_config(guarded, store / "mnist_reject.mar",
                          lambda c: (c["handler"]["layerguard"].update(policy="reject"), c.update(batchSize=4)))
     _BUILT["store"] = {"original": original, "store": store, "guarded": guarded, "reject": reject}

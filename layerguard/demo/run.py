@@ -31,9 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifact import CalibrationArtifact
-from ..cli import format_summary
-from ..offline import DetectionQuality, ScoredSet, detection_quality, score_batches
+from ..core.artifact import CalibrationArtifact
+from ..core.thresholds import ThresholdPolicy
+from ..tooling.calibration import CalibrationConfig
+from ..tooling.data import ArraySource
+from ..tooling.evaluation import DetectionQuality, ScoredSet, detection_quality, score_batches
+from ..tooling.summary import describe_calibration, format_class_table
 from . import mnist
 
 DEMO_DIR = Path(__file__).resolve().parent
@@ -58,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TorchServe config.properties to start from (default: the project's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, poisoning and training (default 0)")
     p.add_argument("--samples", type=int, default=10, help="clean digits sent, each also with the trigger (default 10)")
-    p.add_argument("--tau", type=float, default=None, help="threshold rule override (default: calibrated tau 2.5)")
+    p.add_argument("--rule", default=None, help="scoring rule (default: layerguard's default)")
+    p.add_argument("--tau", type=float, default=None, help="the paper's threshold rule instead of the target FPR")
     p.add_argument("--keep-running", action="store_true",
                    help="leave TorchServe running afterwards and print how to query and stop it")
     p.add_argument("--stop", action="store_true", help="stop a server left running by --keep-running, and exit")
@@ -115,16 +119,19 @@ class DemoError(RuntimeError):
 
 
 # ---- 2. calibrate and wrap ------------------------------------------------------------------------------------
-def guard(original: Path, splits: mnist.MnistSplits, store: Path, tau: float | None
+def guard(original: Path, splits: mnist.MnistSplits, store: Path, tau: float | None, rule: str | None = None
           ) -> tuple[Path, CalibrationArtifact]:
     """`layerguard wrap` in-process: calibrate through the archive's own handler on the reference digits."""
-    from ..packaging import ReferenceData, encode_png, wrap_mar
+    from ..tooling.wrap import WrapConfig, wrap_mar
 
-    reference = ReferenceData([encode_png(x) for x in splits.x_ref], splits.y_ref, None,
-                              [f"reference digit {i}" for i in range(len(splits.y_ref))])
+    reference = ArraySource(splits.x_ref, splits.y_ref, origin="reference digits")
+    calibration = CalibrationConfig(policy=ThresholdPolicy.from_options(tau=tau))
+    if rule:
+        calibration = CalibrationConfig(rule=rule, policy=calibration.policy)
     logging.disable(logging.WARNING)  # TorchServe's and the archiver's notices about optional extras
     try:
-        result = wrap_mar(original, reference, store, model_name=MODEL_NAME, tau=tau, force=True)
+        result = wrap_mar(original, reference, WrapConfig(out_dir=store, model_name=MODEL_NAME,
+                                                          calibration=calibration, force=True))
     finally:
         logging.disable(logging.NOTSET)
     return result.mar_path, result.artifact
@@ -408,7 +415,7 @@ def pick_digits(splits: mnist.MnistSplits, n: int, seed: int) -> np.ndarray:
 
 def query_live(server: Server, images: np.ndarray, labels: np.ndarray) -> list[LiveResult]:
     """POST each clean digit and its triggered copy as PNG bytes, as any client would."""
-    from ..packaging import encode_png
+    from ..tooling.data import encode_png
 
     url, key = f"{server.url}/predictions/{MODEL_NAME}", server.key()
     results = []
@@ -509,10 +516,11 @@ def run(args: argparse.Namespace) -> int:
     clock.lap("model")
 
     say(f"\n[2/5] calibrating on held-out benign digits and writing the guarded archive to {args.model_store}/")
-    guarded, artifact = guard(original, splits, args.model_store, args.tau)
+    guarded, artifact = guard(original, splits, args.model_store, args.tau, args.rule)
     say(f"      {len(splits.y_ref)} reference digits ({len(splits.y_ref) // 10} per class), never trained on, "
-        f"never scored; layers {', '.join(artifact.layer_names)}; rule {artifact.policy.describe()}")
-    say(_indent(format_summary(artifact)))
+        "never scored")
+    say(_indent(describe_calibration(artifact)))
+    say(_indent(format_class_table(artifact)))
     say(f"      guarded archive: {guarded}")
     summary["guarded_mar"] = str(guarded.resolve())
     clock.lap("calibrate")
@@ -562,12 +570,12 @@ def run(args: argparse.Namespace) -> int:
 def _write_report(folder: Path, artifact: CalibrationArtifact, benign: ScoredSet, poisoned: ScoredSet
                   ) -> Path | None:
     """The report needs matplotlib (the [report] extra, which `make env` installs); the demo goes on without."""
-    from ..report import ReportError, write_report
+    from ..tooling.report import ReportData, ReportError, write_report
 
     try:
-        return write_report(folder, artifact, benign=benign, benign_label="held-out benign test digits",
-                            poisoned=poisoned, target_class=mnist.TARGET_CLASS,
-                            title="layerguard calibration report: backdoored MNIST demo")
+        return write_report(folder, ReportData(artifact, benign=benign, benign_label="held-out benign test digits",
+                                               poisoned=poisoned, target_class=mnist.TARGET_CLASS,
+                                               title="layerguard calibration report: backdoored MNIST demo"))
     except ReportError as exc:
         say(f"      no report: {exc}")
         return None
@@ -593,7 +601,7 @@ def _indent(text: str, pad: str = "      ") -> str:
 
 def _save_pngs(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """The digits sent, as files a person can curl at the server themselves."""
-    from ..packaging import encode_png
+    from ..tooling.data import encode_png
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, (img, trig, label) in enumerate(zip(images, mnist.apply_trigger(images), labels)):

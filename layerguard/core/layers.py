@@ -16,6 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .capture import forward_hooks
+
+__all__ = [
+    "LayerInfo", "LayerPlan", "LayerSelectionError", "all_module_outputs", "default_plan", "discover_layers",
+    "explicit_plan", "format_layer_table", "parse_layer_list", "plan_for",
+]
+
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 WEIGHTED_LEAVES = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)
 
@@ -29,8 +36,14 @@ class LayerInfo:
     """One candidate layer: the module name, what kind of unit it is and its per-sample output shape."""
 
     name: str
-    kind: str  # "block", "leaf" or "stage" (a stage named after its last unit)
+    kind: str  # "block", "leaf" or "stage" (a stage is watched at its last unit's output)
     output_shape: tuple[int, ...]
+    units: tuple[str, ...] = ()  # every module of the stage, in call order (the hook sits on the last)
+
+    @property
+    def computation(self) -> str:
+        """What the stage computes, for people: `conv4 -> bn4 -> relu -> pool -> flatten`."""
+        return " -> ".join(self.units) if self.units else self.name
 
     @property
     def width(self) -> int:
@@ -73,7 +86,6 @@ def _trace_calls(model: nn.Module, units: dict[str, nn.Module], sample: torch.Te
     order: list[str] = []
     shapes: dict[str, tuple[int, ...] | None] = {}
     counts: dict[str, int] = {}
-    handles = []
 
     def make_hook(name: str):
         def hook(_module, _inputs, output):
@@ -85,17 +97,14 @@ def _trace_calls(model: nn.Module, units: dict[str, nn.Module], sample: torch.Te
 
         return hook
 
-    try:
-        for name, module in units.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
-        was_training = model.training
+    was_training = model.training
+    with forward_hooks({module: make_hook(name) for name, module in units.items()}):
         model.eval()
-        with torch.inference_mode():
-            model(sample)
-        model.train(was_training)
-    finally:
-        for h in handles:
-            h.remove()
+        try:
+            with torch.inference_mode():
+                model(sample)
+        finally:
+            model.train(was_training)
     return [(n, units[n], shapes[n], counts[n]) for n in order]
 
 
@@ -125,7 +134,7 @@ def discover_layers(model: nn.Module, sample: torch.Tensor) -> list[LayerInfo]:
     for stage in stages:
         name, module, shape = stage[-1]
         kind = "block" if _is_block(module) and len(stage) == 1 else ("leaf" if len(stage) == 1 else "stage")
-        layers.append(LayerInfo(name=name, kind=kind, output_shape=shape))
+        layers.append(LayerInfo(name=name, kind=kind, output_shape=shape, units=tuple(u[0] for u in stage)))
     return layers
 
 
@@ -153,6 +162,14 @@ class LayerPlan:
     layers: tuple[str, ...]
     loi_search_start: int
     total_layers: int
+    ends_at_output: bool = True  # the last monitored layer is the model's output (the logits)
+
+    @property
+    def penultimate(self) -> str:
+        """The last monitored layer before the logits (the last one when the logits are not monitored)."""
+        if self.ends_at_output and len(self.layers) > 1:
+            return self.layers[-2]
+        return self.layers[-1]
 
 
 def default_plan(candidates: list[LayerInfo], exclude_logits: bool = False) -> LayerPlan:
@@ -172,7 +189,8 @@ def default_plan(candidates: list[LayerInfo], exclude_logits: bool = False) -> L
         raise LayerSelectionError(f"the model has {total} candidate layers: too few to leave out the logits")
     names = tuple(c.name for c in candidates[first:last])
     search_start = min(max(1, half + 1 - first), len(names) - 1) if len(names) > 1 else 0
-    return LayerPlan(layers=names, loi_search_start=search_start, total_layers=total)
+    return LayerPlan(layers=names, loi_search_start=search_start, total_layers=total,
+                     ends_at_output=not exclude_logits)
 
 
 def plan_for(model: nn.Module, sample: torch.Tensor, layers: list[str] | None = None,
@@ -200,16 +218,26 @@ def explicit_plan(names: list[str], available: list[LayerInfo]) -> LayerPlan:
     ordered = sorted(names, key=position.__getitem__)
     if ordered != list(names):
         raise LayerSelectionError(f"--layers must be in forward order: {','.join(ordered)}")
-    return LayerPlan(layers=tuple(names), loi_search_start=1 if len(names) > 1 else 0, total_layers=len(names))
+    ends_at_output = bool(available) and names[-1] == available[-1].name
+    return LayerPlan(layers=tuple(names), loi_search_start=1 if len(names) > 1 else 0, total_layers=len(names),
+                     ends_at_output=ends_at_output)
+
+
+def parse_layer_list(text: str | None) -> list[str] | None:
+    """`a, b,c` -> ["a", "b", "c"]; None or blank -> None (the automatic window)."""
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    return names or None
 
 
 def format_layer_table(layers: list[LayerInfo], plan: LayerPlan | None = None) -> str:
-    """A printable table of candidate layers, marking the ones a plan monitors."""
+    """A printable table of candidate layers, marking the ones a plan monitors, with every module of each
+    stage: a stage is watched at its last module's output, which is not always the name one expects."""
     chosen = set(plan.layers) if plan else set()
-    rows = [f"{'#':>3}  {'layer':<32} {'kind':<6} {'features':>10}  output shape"]
+    rows = [f"{'#':>3}  {'layer':<28} {'kind':<6} {'features':>10}  {'output shape':<16} computes"]
     for i, info in enumerate(layers):
         mark = "*" if info.name in chosen else " "
         rows.append(
-            f"{i:>3}{mark} {info.name:<32} {info.kind:<6} {info.width:>10}  {tuple(info.output_shape)}"
+            f"{i:>3}{mark} {info.name:<28} {info.kind:<6} {info.width:>10}  {str(tuple(info.output_shape)):<16} "
+            f"{info.computation}"
         )
     return "\n".join(rows)

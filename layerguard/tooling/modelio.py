@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+__all__ = ["ModelLoadError", "load_eager_model", "model_class_from_file"]
+
 
 class ModelLoadError(ValueError):
     """The model file or weights cannot be loaded; the message says which and why."""

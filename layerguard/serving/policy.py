@@ -12,16 +12,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .artifact import DEFAULT_FILENAME
-from .detector import ThresholdPolicy
+from ..core.artifact import DEFAULT_FILENAME
+from ..core.thresholds import ThresholdPolicy
+
+__all__ = ["ACTIONS", "ON_MISSING", "RESPONSES", "SECTION", "PolicyError", "ServingPolicy", "parse_policy"]
 
 SECTION = "layerguard"
 ACTIONS = ("annotate", "reject")
 ON_MISSING = ("refuse", "serve_unguarded")
-# Largest image (width x height) the guarded worker lets Pillow open: 25 MP covers a 24 MP camera photo and
-# bounds one decoded RGBA image at about 100 MB. Pillow's own default (89 MP warns, 179 MP raises) lets a
-# few kilobytes of PNG header claim gigabytes of pixels.
-DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
+RESPONSES = ("full", "compact")
 KNOWN_KEYS = {
     "inner_handler": "the wrapped model's own handler (written by `layerguard wrap`)",
     "policy": "annotate (default) or reject",
@@ -31,7 +30,10 @@ KNOWN_KEYS = {
     "reject_status": "HTTP status for a rejected input (default 403)",
     "on_missing_calibration": "refuse (default: the model does not load) or serve_unguarded (serve without "
                               "the detector when the artifact file is absent, with a loud warning)",
-    "max_image_pixels": f"largest image (width x height) a request may declare (default {DEFAULT_MAX_IMAGE_PIXELS})",
+    "max_image_pixels": "largest image (width x height) a request may declare (default: 64x the calibrated "
+                        "input area, within 1 to 25 megapixels)",
+    "response": "full (default: per-layer similarities and terms in every response) or compact (verdict, "
+                "score, threshold, layer of interest only)",
 }
 
 
@@ -47,7 +49,8 @@ class ServingPolicy:
     artifact: str = DEFAULT_FILENAME
     reject_status: int = 403
     on_missing_calibration: str = "refuse"
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_pixels: int | None = None  # None: follows the calibrated input size (serving.inputs)
+    response: str = "full"
 
     @property
     def rejects(self) -> bool:
@@ -68,8 +71,10 @@ class ServingPolicy:
             block["reject_status"] = self.reject_status
         if self.on_missing_calibration != "refuse":
             block["on_missing_calibration"] = self.on_missing_calibration
-        if self.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS:
+        if self.max_image_pixels is not None:
             block["max_image_pixels"] = self.max_image_pixels
+        if self.response != "full":
+            block["response"] = self.response
         return block
 
 
@@ -101,7 +106,7 @@ def parse_policy(model_yaml_config: Mapping[str, Any] | None) -> ServingPolicy:
     threshold = None
     if "tau" in block or "target_fpr" in block:
         try:
-            threshold = ThresholdPolicy(tau=_number(block, "tau"), target_fpr=_number(block, "target_fpr"))
+            threshold = ThresholdPolicy.from_options(_number(block, "tau"), _number(block, "target_fpr"))
         except ValueError as exc:
             raise PolicyError(f"model-config.yaml: handler.layerguard: {exc}") from exc
     artifact = block.get("artifact", DEFAULT_FILENAME)
@@ -116,12 +121,17 @@ def parse_policy(model_yaml_config: Mapping[str, Any] | None) -> ServingPolicy:
     if on_missing not in ON_MISSING:
         raise PolicyError("model-config.yaml: handler.layerguard.on_missing_calibration must be one of "
                           f"{', '.join(ON_MISSING)}, got {on_missing!r}")
-    pixels = block.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
-    if not isinstance(pixels, int) or isinstance(pixels, bool) or pixels < 1:
+    pixels = block.get("max_image_pixels")
+    if pixels is not None and (not isinstance(pixels, int) or isinstance(pixels, bool) or pixels < 1):
         raise PolicyError("model-config.yaml: handler.layerguard.max_image_pixels must be a positive integer "
                           f"(width x height), got {pixels!r}")
+    response = block.get("response", "full")
+    if response not in RESPONSES:
+        raise PolicyError("model-config.yaml: handler.layerguard.response must be one of "
+                          f"{', '.join(RESPONSES)}, got {response!r}")
     return ServingPolicy(inner_handler=inner.strip(), action=action, threshold=threshold, artifact=artifact,
-                         reject_status=status, on_missing_calibration=on_missing, max_image_pixels=pixels)
+                         reject_status=status, on_missing_calibration=on_missing, max_image_pixels=pixels,
+                         response=response)
 
 
 def _number(block: Mapping[str, Any], key: str) -> float | None:

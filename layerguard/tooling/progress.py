@@ -6,6 +6,8 @@ import sys
 import time
 from typing import TextIO
 
+__all__ = ["Progress"]
+
 
 class Progress:
     def __init__(self, total: int, label: str, stream: TextIO | None = None, enabled: bool = True) -> None:

@@ -1,8 +1,13 @@
 """Reference data for calibration: a folder of class subfolders of images, or an .npz with images and labels.
 
-Sources are re-iterable (calibration reads them twice) and stream in batches, so memory does not grow
+One reader for both uses: `batches()` streams tensors through an `ImageTransform` (calibrate.py on an eager
+model), `payload(i)` gives the bytes a client would send (calibrating a .mar through its own handler's
+preprocess). Sources are re-iterable (calibration reads them twice) and stream, so memory does not grow
 with the number of images in a folder. Every problem a user can cause (empty folder, unknown class,
 unreadable image) is found by `validate()` before any pass starts, and named with its path.
+
+References must be images the model never trained on: thresholds fitted on training images are too tight
+(the model is more confident on them), and the false-positive rate served is then higher than asked for.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "DataError", "ImageTransform", "ReferenceSource", "decode_image", "encode_png", "list_class_images",
+    "load_npz", "open_reference",
+]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -67,13 +77,30 @@ def decode_image(data: bytes) -> Image.Image:
         raise DataError(f"not a readable image ({exc})") from exc
 
 
+def encode_png(image: np.ndarray) -> bytes:
+    """One image as PNG bytes (what a client would upload): uint8 as is, floats in [0, 1] scaled by 255."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.rint(arr.astype(np.float64) * (255.0 if arr.max() <= 1.0 else 1.0)), 0, 255)
+        arr = arr.astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1).squeeze()  # CHW -> HWC
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 class ReferenceSource:
-    """A re-iterable, batched source of (images, labels)."""
+    """A re-iterable source of labelled images: batched tensors, or one image's bytes."""
 
     class_names: tuple[str, ...]
+    labels: np.ndarray  # [N] int64, in source order
+    numeric_names: bool = False  # class names are the indices (digit folders): the model's own names win
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        return len(self.labels)
 
     def validate(self) -> None:
         """Raise DataError now for anything that would fail mid-calibration."""
@@ -81,7 +108,12 @@ class ReferenceSource:
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
-    def labels(self) -> np.ndarray:
+    def payload(self, i: int) -> bytes:
+        """Image i as the bytes a client would send."""
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        """Where image i comes from, for error messages."""
         raise NotImplementedError
 
 
@@ -123,16 +155,19 @@ class ImageFolderSource(ReferenceSource):
     """root/<class>/<image>: class folders are matched to `class_names` (or sorted: numerically when
     every folder name is an integer, as in 0..9)."""
 
-    def __init__(self, root: str | Path, transform: Transform, class_names: Sequence[str] | None = None) -> None:
+    def __init__(self, root: str | Path, transform: Transform | None = None,
+                 class_names: Sequence[str] | None = None) -> None:
         self.root = Path(root)
         self.transform = transform
         self.items, self.class_names = list_class_images(self.root, class_names)
+        self.labels = np.array([label for _, label in self.items], dtype=np.int64)
+        self.numeric_names = class_names is None and all(n.isdigit() for n in self.class_names)
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def payload(self, i: int) -> bytes:
+        return self.items[i][0].read_bytes()
 
-    def labels(self) -> np.ndarray:
-        return np.array([label for _, label in self.items], dtype=np.int64)
+    def describe(self, i: int) -> str:
+        return str(self.items[i][0])
 
     def _load(self, path: Path) -> torch.Tensor:
         try:
@@ -141,6 +176,8 @@ class ImageFolderSource(ReferenceSource):
             raise DataError(f"{path}: {exc}; remove or replace the file") from exc
 
     def validate(self) -> None:
+        if self.transform is None:
+            return
         shapes = set()
         for path, _ in self.items:
             shapes.add(tuple(self._load(path).shape))
@@ -159,7 +196,7 @@ class ImageFolderSource(ReferenceSource):
 class ArraySource(ReferenceSource):
     """In-memory images (uint8 NHW/NHWC, or float NCHW already preprocessed) with integer labels."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: ImageTransform,
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: ImageTransform | None = None,
                  class_names: Sequence[str] | None = None, origin: str = "array") -> None:
         if len(images) != len(labels):
             raise DataError(f"{origin}: {len(images)} images but {len(labels)} labels")
@@ -168,26 +205,31 @@ class ArraySource(ReferenceSource):
         labels = np.asarray(labels)
         if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
             raise DataError(f"{origin}: labels must be non-negative integers")
-        self.images, self._labels, self.transform = images, labels.astype(np.int64), transform
+        self.images, self.labels, self.transform = images, labels.astype(np.int64).reshape(-1), transform
+        self.origin = origin
         n = int(labels.max()) + 1
+        self.numeric_names = not class_names
         self.class_names = tuple(class_names) if class_names else tuple(str(i) for i in range(n))
         if labels.max() >= len(self.class_names):
             raise DataError(f"{origin}: label {labels.max()} is outside the {len(self.class_names)} classes")
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def labels(self) -> np.ndarray:
-        return self._labels
-
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.transform is None:
+            raise DataError(f"{self.origin}: no image transform given (use the model's handler, or give one)")
         for start in range(0, len(self.images), batch_size):
             x = self.transform.array_to_tensor(self.images[start:start + batch_size])
-            yield x, torch.from_numpy(self._labels[start:start + batch_size])
+            yield x, torch.from_numpy(self.labels[start:start + batch_size])
+
+    def payload(self, i: int) -> bytes:
+        return encode_png(self.images[i])
+
+    def describe(self, i: int) -> str:
+        return f"{self.origin}[{i}]"
 
 
-def load_npz(path: str | Path, x_key: str = "x", y_key: str = "y") -> tuple[np.ndarray, np.ndarray]:
-    """Arrays from an .npz, never unpickling."""
+def load_npz(path: str | Path, x_key: str = "x", y_key: str = "y"
+             ) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Images, labels and (when the file has `class_names`) class names from an .npz, never unpickling."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -195,18 +237,19 @@ def load_npz(path: str | Path, x_key: str = "x", y_key: str = "y") -> tuple[np.n
             if missing:
                 raise DataError(f"{path} has no array(s) {', '.join(missing)} (it has {', '.join(npz.files)}); "
                                 "name them with --x-key/--y-key")
-            return npz[x_key], npz[y_key]
+            names = [str(n) for n in npz["class_names"]] if "class_names" in npz.files else None
+            return npz[x_key], npz[y_key], names
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {path} as .npz: {exc}") from exc
 
 
-def open_reference(path: str | Path, transform: ImageTransform, class_names: Sequence[str] | None = None,
-                   x_key: str = "x", y_key: str = "y") -> ReferenceSource:
-    """A folder of class subfolders, or an .npz file."""
+def open_reference(path: str | Path, transform: ImageTransform | None = None,
+                   class_names: Sequence[str] | None = None, x_key: str = "x", y_key: str = "y") -> ReferenceSource:
+    """A folder of class subfolders, or an .npz file (its `class_names` array is used when none are given)."""
     path = Path(path)
     if path.is_dir():
         return ImageFolderSource(path, transform, class_names)
-    if path.suffix == ".npz":
-        x, y = load_npz(path, x_key, y_key)
-        return ArraySource(x, y, transform, class_names, origin=str(path))
-    raise DataError(f"{path}: expected a folder of class subfolders or an .npz file")
+    if path.suffix == ".npz" and path.is_file():
+        x, y, names = load_npz(path, x_key, y_key)
+        return ArraySource(x, y, transform, class_names or names, origin=str(path))
+    raise DataError(f"reference data {path} must be a folder of class sub-folders of images or an .npz with x, y")

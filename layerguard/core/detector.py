@@ -1,0 +1,290 @@
+"""The detector: one object that owns the whole rule, split as alibi-detect splits its detectors.
+
+- fit: `DetectorFitter.update` streams benign features (mergeable across shards), `fit` computes the
+  statistics of every fold's complement and of all references;
+- out-of-fold scores: `update_out_of_fold` scores each reference with the statistics of the folds it was not
+  in (k-fold cross-fitting: no image is lost, none scores itself);
+- infer_threshold: `detector(policy)` fits the rule's combination and the benign score statistics on the
+  out-of-fold results and returns a `Detector`;
+- score / predict: `Detector.score` gives each item's per-layer similarities, rule terms, score, threshold
+  and verdict.
+The model's forward pass is not this module's business: it works on captured features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .rules import ScoringRule, create_rule
+from .rules.base import FitError, LayerStatistics
+from .similarity import CosineProfile, layer_of_interest
+from .stats import ClassSums, FoldAssigner
+from .thresholds import BenignScores, ThresholdPolicy
+
+__all__ = ["Detection", "Detector", "DetectorFitter", "DetectorSpec"]
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """Everything that defines a detector before it sees data: rule, its options, layers, classes, folds."""
+
+    rule: str
+    layer_names: tuple[str, ...]
+    num_classes: int
+    loi_search_start: int
+    penultimate: str
+    rule_options: Mapping[str, Any] = field(default_factory=dict)
+    folds: int = 5
+
+    def new_rule(self) -> ScoringRule:
+        return create_rule(self.rule, self.layer_names, self.num_classes, dict(self.rule_options), self.penultimate)
+
+
+@dataclass
+class Detection:
+    """Per-item results of one batch, all tensors on the CPU."""
+
+    predicted: torch.Tensor  # [B] class used for scoring
+    similarities: torch.Tensor  # [B, K] cosine similarity to the predicted class's centroid per layer
+    terms: torch.Tensor  # [B, T] the rule's per-layer terms
+    scores: torch.Tensor  # [B]
+    thresholds: torch.Tensor  # [B]
+    layer_of_interest: torch.Tensor  # [B] index into layer_names
+    poisoned: torch.Tensor  # [B] bool
+
+    def items(self, layer_names: tuple[str, ...], term_layers: tuple[str, ...]) -> list[dict]:
+        """JSON-ready annotations for the whole batch: one conversion to Python lists, not one per value."""
+        poisoned, scores = self.poisoned.tolist(), self.scores.tolist()
+        thresholds, lois = self.thresholds.tolist(), self.layer_of_interest.tolist()
+        sims, terms = self.similarities.tolist(), self.terms.tolist()
+        return [
+            {
+                "poisoned": poisoned[i],
+                "score": scores[i],
+                "threshold": thresholds[i],
+                "layer_of_interest": layer_names[lois[i]],
+                "similarities": dict(zip(layer_names, sims[i])),
+                "terms": dict(zip(term_layers, terms[i])),
+            }
+            for i in range(len(poisoned))
+        ]
+
+
+class Detector:
+    """A fitted detector: build it once per worker (from an artifact) and reuse it for every batch."""
+
+    def __init__(self, spec: DetectorSpec, profile: CosineProfile, rule: ScoringRule, loi: np.ndarray,
+                 benign: BenignScores, policy: ThresholdPolicy, sim_mean: np.ndarray, sim_std: np.ndarray,
+                 counts: np.ndarray) -> None:
+        self.spec = spec
+        self.profile = profile
+        self.rule = rule
+        self.loi = np.asarray(loi, dtype=np.int64)
+        self.benign = benign
+        self.sim_mean, self.sim_std, self.counts = sim_mean, sim_std, counts
+        self._loi_t = torch.as_tensor(self.loi)
+        self.set_policy(policy)
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return self.spec.layer_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def set_policy(self, policy: ThresholdPolicy) -> None:
+        """Threshold under another policy (serving's model-config.yaml override): no refit needed."""
+        self.policy = policy
+        self.thresholds = self.benign.thresholds(policy)
+        self._thresholds_t = torch.as_tensor(self.thresholds, dtype=torch.float32)
+
+    def to(self, device: torch.device | str) -> Detector:
+        self.profile = CosineProfile(self.layer_names, self.profile.centroids, device)
+        self.rule.to(device)
+        return self
+
+    def score(self, features: dict[str, torch.Tensor], predicted: torch.Tensor) -> Detection:
+        """Verdicts for one batch from its captured features and the classes the model predicted."""
+        classes = predicted.detach().to(torch.int64)
+        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
+            raise ValueError(f"predicted class outside 0..{self.num_classes - 1}")
+        sims = self.profile.similarities(features, classes)
+        terms = self.rule.terms(features, classes.to(sims.device), sims)
+        scores = self.rule.combine(terms, classes.to(terms.device))
+        cpu = classes.cpu()
+        scores, thresholds = scores.cpu(), self._thresholds_t[cpu]
+        return Detection(predicted=cpu, similarities=sims.cpu(), terms=terms.cpu(), scores=scores,
+                         thresholds=thresholds, layer_of_interest=self._loi_t[cpu], poisoned=scores < thresholds)
+
+    def predict(self, features: dict[str, torch.Tensor], predicted: torch.Tensor) -> torch.Tensor:
+        """[B] bool: flagged as backdoor-triggered."""
+        return self.score(features, predicted).poisoned
+
+    # ---- persistence: plain arrays, read back by `from_arrays` ----
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {f"profile/{k}": v for k, v in self.profile.arrays().items()}
+        out.update({f"rule/{k}": np.asarray(v) for k, v in self.rule.arrays().items()})
+        out.update({
+            "calibration/loi": self.loi, "calibration/sim_mean": self.sim_mean, "calibration/sim_std": self.sim_std,
+            "calibration/counts": self.counts, "calibration/benign_scores": self.benign.scores,
+            "calibration/benign_labels": self.benign.labels,
+        })
+        return out
+
+    @classmethod
+    def from_arrays(cls, spec: DetectorSpec, arrays: Mapping[str, np.ndarray], policy: ThresholdPolicy,
+                    device: torch.device | str = "cpu") -> Detector:
+        def group(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+        profile = CosineProfile.from_arrays(spec.layer_names, group("profile/"), device)
+        rule = spec.new_rule()
+        rule.load_arrays(group("rule/"))
+        rule.to(device)
+        cal = group("calibration/")
+        benign = BenignScores(cal["benign_scores"], cal["benign_labels"], spec.num_classes)
+        return cls(spec, profile, rule, cal["loi"], benign, policy, cal["sim_mean"], cal["sim_std"], cal["counts"])
+
+
+class DetectorFitter:
+    """Fits a `Detector` from benign features in two streaming passes over the same references.
+
+    Pass 1 (`update`): per-fold class sums of flattened features (the cosine profile) and the rule's own
+    statistics. `fit()` then builds, for each fold, the profile and rule from all other folds (one fold:
+    from all references, the paper's in-sample way). Pass 2 (`update_out_of_fold`): each reference is scored
+    by the models of the folds it was not in. `detector(policy)` finishes: layer of interest per class,
+    the rule's combination and the benign score statistics, all from out-of-fold values.
+    """
+
+    def __init__(self, spec: DetectorSpec, class_names: list[str] | None = None) -> None:
+        self.spec = spec
+        self.class_names = class_names or [str(i) for i in range(spec.num_classes)]
+        self._folds = FoldAssigner(spec.num_classes, spec.folds)
+        self._profile_sums: list[dict[str, ClassSums]] | None = None
+        self._rule_stats: list[LayerStatistics | None] = []
+        self._fold_models: list[tuple[CosineProfile, ScoringRule]] = []
+        self._full: tuple[CosineProfile, ScoringRule] | None = None
+        self._oof: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._oof_folds: FoldAssigner | None = None
+
+    # ---- pass 1 ----
+    def update(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        labels = labels.to(torch.int64)
+        ScoringRule.check_finite(features, labels, self.class_names)
+        folds = self._folds.assign(labels.cpu().numpy())
+        if self._profile_sums is None:
+            rule = self.spec.new_rule()
+            self._profile_sums = [CosineProfile.new_sums(features, self.spec.num_classes)
+                                  for _ in range(self.spec.folds)]
+            self._rule_stats = [rule.new_statistics(features) for _ in range(self.spec.folds)]
+        rule = self.spec.new_rule()
+        for f in np.unique(folds):
+            rows = torch.from_numpy(np.nonzero(folds == f)[0])
+            part = {n: t[rows.to(t.device)] for n, t in features.items()}
+            part_labels = labels[rows.to(labels.device)]
+            CosineProfile.update_sums(self._profile_sums[f], part, part_labels)
+            rule.update(self._rule_stats[f], part, part_labels)
+
+    def merge(self, other: DetectorFitter) -> None:
+        """Add another shard's pass-1 statistics (same spec, disjoint references)."""
+        if other._profile_sums is None:
+            return
+        if self._profile_sums is None:
+            self._profile_sums, self._rule_stats = other._profile_sums, other._rule_stats
+            self._folds.seen += other._folds.seen
+            return
+        for mine, theirs in zip(self._profile_sums, other._profile_sums):
+            for name, acc in mine.items():
+                acc.merge(theirs[name])
+        for mine, theirs in zip(self._rule_stats, other._rule_stats):
+            if mine is not None:
+                mine.merge(theirs)
+        self._folds.seen += other._folds.seen
+
+    @property
+    def seen_per_class(self) -> np.ndarray:
+        return self._folds.seen.copy()
+
+    def fit(self, device: torch.device | str = "cpu") -> None:
+        """Fit the full model and each fold's complement model from the pass-1 statistics."""
+        if self._profile_sums is None:
+            raise FitError("the reference data is empty")
+        total_sums = {n: _sum(s[n] for s in self._profile_sums) for n in self.spec.layer_names}
+        stats = [s for s in self._rule_stats if s is not None]
+        total_stats = None
+        if stats:
+            total_stats = stats[0].minus(stats[0])  # an empty copy of the same shape
+            for s in stats:
+                total_stats.merge(s)
+        self._full = self._model(total_sums, total_stats, device)
+        if self.spec.folds == 1:
+            self._fold_models = [self._full]
+            return
+        self._fold_models = []
+        for f in range(self.spec.folds):
+            sums = {n: total_sums[n].minus(self._profile_sums[f][n]) for n in self.spec.layer_names}
+            rest = total_stats.minus(self._rule_stats[f]) if total_stats is not None else None
+            self._fold_models.append(self._model(sums, rest, device))
+
+    def _model(self, sums: dict[str, ClassSums], stats: LayerStatistics | None, device) -> tuple:
+        rule = self.spec.new_rule()
+        rule.fit(stats, self.class_names)
+        rule.to(device)
+        return CosineProfile.from_sums(self.spec.layer_names, sums, device), rule
+
+    # ---- pass 2 ----
+    def update_out_of_fold(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """Score one batch of the same references, in the same order as pass 1, with out-of-fold models."""
+        if not self._fold_models:
+            raise RuntimeError("call fit() after the first pass")
+        if self._oof_folds is None:
+            self._oof_folds = FoldAssigner(self.spec.num_classes, self.spec.folds)
+        labels = labels.to(torch.int64)
+        folds = self._oof_folds.assign(labels.cpu().numpy())
+        for f in np.unique(folds):
+            rows = torch.from_numpy(np.nonzero(folds == f)[0])
+            part = {n: t[rows.to(t.device)] for n, t in features.items()}
+            part_labels = labels[rows.to(labels.device)]
+            profile, rule = self._fold_models[f]
+            sims = profile.similarities(part, part_labels)
+            terms = rule.terms(part, part_labels.to(sims.device), sims)
+            self._oof.append((sims.cpu().numpy(), terms.cpu().numpy(), part_labels.cpu().numpy()))
+
+    def detector(self, policy: ThresholdPolicy) -> Detector:
+        """Infer the combination and thresholds from the out-of-fold results; return the fitted detector."""
+        if not self._oof or self._full is None:
+            raise RuntimeError("run both passes before asking for the detector")
+        sims = np.concatenate([s for s, _, _ in self._oof])
+        terms = np.concatenate([t for _, t, _ in self._oof])
+        labels = np.concatenate([y for _, _, y in self._oof])
+        c, k = self.spec.num_classes, len(self.spec.layer_names)
+        counts = np.bincount(labels, minlength=c)
+        sim_mean = np.zeros((c, k))
+        sim_std = np.zeros((c, k))
+        for cls in range(c):
+            mine = sims[labels == cls]
+            if len(mine):
+                sim_mean[cls], sim_std[cls] = mine.mean(axis=0), mine.std(axis=0)
+        loi = np.array([layer_of_interest(sim_mean[cls], self.spec.loi_search_start) for cls in range(c)],
+                       dtype=np.int64)
+        profile, rule = self._full
+        rule.fit_combination(terms, labels, loi)
+        device = next(iter(profile.centroids.values())).device
+        scores = rule.combine(torch.from_numpy(terms).to(device, torch.float32),
+                              torch.from_numpy(labels).to(device)).cpu().numpy()
+        benign = BenignScores(scores, labels, c)
+        return Detector(self.spec, profile, rule, loi, benign, policy, sim_mean, sim_std, counts)
+
+
+def _sum(accumulators) -> ClassSums:
+    items = list(accumulators)
+    total = items[0].minus(items[0])
+    for acc in items:
+        total.merge(acc)
+    return total

@@ -1,0 +1,124 @@
+"""What a scoring rule is: per-layer terms from one forward pass's features, combined into one score.
+
+A rule is fitted in two steps, both from benign references only:
+1. `new_statistics` / `fit`: streaming, mergeable statistics of the features (class means, covariances...)
+   and the rule's state computed from them. Statistics support `merge` and `minus`, so k-fold
+   cross-fitting fits each fold's complement from one pass.
+2. `fit_combination`: how the per-layer terms become one score, from out-of-fold terms (terms of
+   references the statistics were not fitted on), e.g. the paper's layer of interest per class.
+Scores are benign-likeness: lower is more suspicious. Thresholds are not a rule's business (thresholds.py).
+
+A new rule is one file defining a subclass, plus one line in rules/__init__.py's registry; the artifact
+stores whatever `arrays()` returns and the report draws `terms` by layer, so neither needs an edit.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+__all__ = ["FitError", "LayerStatistics", "ScoringRule"]
+
+
+class FitError(ValueError):
+    """Benign statistics a rule cannot be fitted on; the message names the class or layer and the fix."""
+
+
+class LayerStatistics:
+    """One mergeable accumulator per layer (any object with update/merge/minus)."""
+
+    def __init__(self, accumulators: dict[str, Any]) -> None:
+        self.accumulators = accumulators
+
+    def merge(self, other: LayerStatistics) -> None:
+        for name, acc in self.accumulators.items():
+            acc.merge(other.accumulators[name])
+
+    def minus(self, other: LayerStatistics) -> LayerStatistics:
+        return LayerStatistics({n: acc.minus(other.accumulators[n]) for n, acc in self.accumulators.items()})
+
+    def __getitem__(self, name: str) -> Any:
+        return self.accumulators[name]
+
+
+class ScoringRule(ABC):
+    """Base class of every rule. `options` are the rule's own settings (validated by `__init__`)."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line: what the score is
+    term_label: ClassVar[str]  # what each per-layer term is, for the report and the docs
+    option_defaults: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, layer_names: tuple[str, ...], num_classes: int, options: Mapping[str, Any] | None = None,
+                 penultimate: str | None = None) -> None:
+        self.layer_names = tuple(layer_names)
+        self.num_classes = num_classes
+        self.penultimate = penultimate or self.layer_names[-1]
+        unknown = sorted(set(options or {}) - set(self.option_defaults))
+        if unknown:
+            known = ", ".join(self.option_defaults) or "none"
+            raise ValueError(f"rule {self.name} has no option(s) {', '.join(unknown)} (known: {known})")
+        self.options = {**self.option_defaults, **(options or {})}
+
+    @property
+    def term_layers(self) -> tuple[str, ...]:
+        """The layers whose terms the score uses (and the response reports), in forward order."""
+        return self.layer_names
+
+    # ---- fit ----
+    @abstractmethod
+    def new_statistics(self, features: dict[str, torch.Tensor]) -> LayerStatistics | None:
+        """Empty accumulators shaped for these features (None: the rule needs only the cosine profile)."""
+
+    @abstractmethod
+    def update(self, stats: LayerStatistics | None, features: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """Fold one batch of benign features with their true labels into `stats`."""
+
+    @abstractmethod
+    def fit(self, stats: LayerStatistics | None, class_names: list[str]) -> None:
+        """Compute the rule's state from the statistics; raise FitError naming what is wrong."""
+
+    @abstractmethod
+    def terms(self, features: dict[str, torch.Tensor], classes: torch.Tensor,
+              similarities: torch.Tensor) -> torch.Tensor:
+        """[B, len(term_layers)] per-layer terms of a batch against the given classes (the cosine
+        similarities are given: rules built on them need not recompute them)."""
+
+    @abstractmethod
+    def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:
+        """Fit how terms combine, on out-of-fold benign terms [N, len(term_layers)] with true labels; `loi` [C] is the
+        per-class layer of interest from the cosine profile."""
+
+    @abstractmethod
+    def combine(self, terms: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """[B] scores from [B, K] terms: benign-likeness, lower is more suspicious."""
+
+    # ---- persistence ----
+    @abstractmethod
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fitted state as plain arrays (saved in the artifact, never pickled)."""
+
+    @abstractmethod
+    def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Restore the fitted state from `arrays()`'s output."""
+
+    def to(self, device: torch.device | str) -> ScoringRule:
+        """Move any tensors of the state to `device` (rules keeping numpy only need not override)."""
+        return self
+
+    @staticmethod
+    def check_finite(features: dict[str, torch.Tensor], labels: torch.Tensor, class_names: list[str] | None = None
+                     ) -> None:
+        """Refuse NaN or infinite activations, naming the layer and the class of the first bad sample."""
+        for name, t in features.items():
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+            if bool(bad.any()):
+                c = int(labels[bad.nonzero()[0, 0]])
+                label = class_names[c] if class_names else str(c)
+                raise FitError(f"layer {name} produced NaN or infinite activations for a reference image of class "
+                               f"{label}; check the image and the model's preprocessing (normalisation), or "
+                               "monitor other layers with --layers")

@@ -1,0 +1,99 @@
+"""Layer-wise feature analysis (Jebreel et al., PAKDD 2023): cosine similarity of an input's flattened
+activations to its class's benign centroid at every monitored layer, and each class's layer of interest.
+
+Every artifact carries this profile whatever its scoring rule: responses always report the per-layer
+similarities and the layer of interest, as the design promises.
+
+Scoring works on a batch at once: one matmul (few classes) or one gather (many) per layer, O(batch x sum
+of widths) - far less than the forward pass that made the features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .stats import ClassSums
+
+__all__ = ["CosineProfile", "flatten", "layer_of_interest", "pool"]
+
+MATMUL_MAX_CLASSES = 64  # up to here, scoring against all centroids at once is the cheaper way
+
+
+def flatten(t: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B, D] (a view when the tensor is contiguous)."""
+    return t.reshape(t.shape[0], -1) if t.dim() > 1 else t[:, None]
+
+
+def pool(t: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] (or any [B, C, ...]) -> [B, C] by averaging over the spatial dims; [B, D] as is."""
+    if t.dim() > 2:
+        return t.flatten(2).mean(dim=2)
+    return t if t.dim() == 2 else t[:, None]
+
+
+def layer_of_interest(mean_curve: np.ndarray, search_start: int) -> int:
+    """Index l in [search_start, K-1] of the largest jump mean_curve[l] - mean_curve[l-1].
+
+    Edges: a search start below 1 is raised to 1 (a jump needs a previous layer); with a single layer,
+    or a window that is empty, the LOI is the last layer. Ties go to the earliest layer.
+    """
+    k = len(mean_curve)
+    start = max(1, search_start)
+    if k < 2 or start > k - 1:
+        return k - 1
+    jumps = np.diff(np.asarray(mean_curve, dtype=np.float64))[start - 1:]
+    return start + int(np.argmax(jumps))
+
+
+class CosineProfile:
+    """Per-class centroids of flattened activations per layer, and cosine similarity to them."""
+
+    def __init__(self, layer_names: tuple[str, ...], centroids: dict[str, torch.Tensor],
+                 device: torch.device | str = "cpu") -> None:
+        self.layer_names = tuple(layer_names)
+        self.device = torch.device(device)
+        self.centroids = {n: centroids[n].to(self.device, torch.float32) for n in self.layer_names}
+        # Unit-length centroids: the cosine then needs only the sample's norm.
+        self.unit_centroids = {n: F.normalize(c, dim=1) for n, c in self.centroids.items()}
+        self.num_classes = int(next(iter(self.centroids.values())).shape[0]) if self.centroids else 0
+
+    @staticmethod
+    def new_sums(features: dict[str, torch.Tensor], num_classes: int) -> dict[str, ClassSums]:
+        """Empty accumulators shaped for these (flattened) features."""
+        return {n: ClassSums(num_classes, flatten(f).shape[1], f.device) for n, f in features.items()}
+
+    @staticmethod
+    def update_sums(sums: dict[str, ClassSums], features: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        for name, acc in sums.items():
+            acc.update(flatten(features[name]), labels)
+
+    @classmethod
+    def from_sums(cls, layer_names: tuple[str, ...], sums: dict[str, ClassSums],
+                  device: torch.device | str = "cpu") -> CosineProfile:
+        return cls(layer_names, {n: sums[n].means().to(torch.float32) for n in layer_names}, device)
+
+    def similarities(self, features: dict[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        """[B, K] cosine similarity of each item's features to its class's centroid at every layer."""
+        classes = classes.to(self.device, torch.int64)
+        feats = [flatten(features[name]).to(self.device, torch.float32) for name in self.layer_names]
+        if self.num_classes <= MATMUL_MAX_CLASSES:
+            # one BLAS call per layer against every centroid beats gathering a [B, D] copy when classes are few
+            every = torch.stack([f @ self.unit_centroids[n].T for n, f in zip(self.layer_names, feats)], dim=1)
+            index = classes[:, None, None].expand(-1, len(feats), 1)
+            dots = every.gather(2, index)[..., 0]  # [B, K]
+        else:
+            dots = torch.stack([(f * self.unit_centroids[n][classes]).sum(dim=1)
+                                for n, f in zip(self.layer_names, feats)], dim=1)
+        norms = torch.stack([torch.linalg.vector_norm(f, dim=1) for f in feats], dim=1)
+        return dots / norms.clamp_min(1e-12)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f"centroid/{n}": self.centroids[n].cpu().numpy() for n in self.layer_names}
+
+    @classmethod
+    def from_arrays(cls, layer_names: tuple[str, ...], arrays: dict[str, np.ndarray],
+                    device: torch.device | str = "cpu") -> CosineProfile:
+        return cls(layer_names, {n: torch.from_numpy(np.asarray(arrays[f"centroid/{n}"])) for n in layer_names},
+                   device)

@@ -1,0 +1,97 @@
+"""Thresholds: the one place a score becomes a verdict.
+
+Every rule's score is "benign-likeness" (lower is more suspicious). Benign reference scores that were not
+used to fit the statistics (out-of-fold, see detector.py) are standardised per class, z = (s - mean_c) /
+std_c, and kept sorted. Then:
+- `tau` (the paper): flag when z < -tau, i.e. score < mean_c - tau * std_c, one threshold per class.
+- `target_fpr` (the default): flag when z is below the target quantile of the pooled out-of-fold z, so
+  the share of benign references flagged is at most the target. Pooling across classes gives the quantile
+  enough samples (a 1% quantile of 50 images per class is one image) while the standardisation keeps
+  classes comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["DEFAULT_TARGET_FPR", "DEFAULT_TAU", "BenignScores", "ThresholdPolicy"]
+
+DEFAULT_TAU = 2.5
+DEFAULT_TARGET_FPR = 0.01
+
+
+@dataclass(frozen=True)
+class ThresholdPolicy:
+    """How the threshold is set: a target benign false-positive rate (default 1%) or the paper's
+    mean - tau * std per class."""
+
+    tau: float | None = None
+    target_fpr: float | None = DEFAULT_TARGET_FPR
+
+    def __post_init__(self) -> None:
+        if (self.tau is None) == (self.target_fpr is None):
+            raise ValueError("set exactly one of tau and target_fpr")
+        if self.tau is not None and not (0.0 <= self.tau <= 10.0):
+            raise ValueError(f"tau must be in [0, 10], got {self.tau}")
+        if self.target_fpr is not None and not (0.0 < self.target_fpr < 0.5):
+            raise ValueError(f"target_fpr must be in (0, 0.5), got {self.target_fpr}")
+
+    @classmethod
+    def from_options(cls, tau: float | None = None, target_fpr: float | None = None) -> ThresholdPolicy:
+        """The policy a user asked for with --tau / --target-fpr (at most one), else the default."""
+        if tau is not None and target_fpr is not None:
+            raise ValueError("give --tau or --target-fpr, not both")
+        if tau is not None:
+            return cls(tau=tau, target_fpr=None)
+        return cls(tau=None, target_fpr=DEFAULT_TARGET_FPR if target_fpr is None else target_fpr)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ThresholdPolicy:
+        return cls(tau=data.get("tau"), target_fpr=data.get("target_fpr"))
+
+    def describe(self) -> str:
+        return f"tau={self.tau}" if self.tau is not None else f"target_fpr={self.target_fpr}"
+
+    def as_dict(self) -> dict:
+        return {"tau": self.tau} if self.tau is not None else {"target_fpr": self.target_fpr}
+
+
+class BenignScores:
+    """What thresholds are inferred from: out-of-fold benign scores with their true classes. Keeps their
+    per-class mean and std and all standardised values, sorted."""
+
+    def __init__(self, scores: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+        self.scores = np.asarray(scores, dtype=np.float64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        counts = np.bincount(self.labels, minlength=num_classes).astype(np.float64)
+        self.score_mean = np.bincount(self.labels, weights=self.scores, minlength=num_classes) / np.maximum(counts, 1)
+        centred = self.scores - self.score_mean[self.labels]
+        var = np.bincount(self.labels, weights=centred ** 2, minlength=num_classes) / np.maximum(counts, 1)
+        self.score_std = np.sqrt(var)  # population std, as the paper's numpy code
+        self.sorted_z = np.sort(self.standardize(self.scores, self.labels))
+
+    def z_cut(self, policy: ThresholdPolicy) -> float:
+        """Flag when z < this value."""
+        if policy.tau is not None:
+            return -float(policy.tau)
+        n = len(self.sorted_z)
+        if n == 0:
+            return float("nan")
+        k = min(int(np.floor(policy.target_fpr * n)), n - 1)  # flag at most k of the n benign references
+        upper = float(self.sorted_z[k])
+        lower = float(self.sorted_z[k - 1]) if k > 0 else upper - 1.0
+        return (lower + upper) / 2.0  # midway: rounding in score units cannot flag the k+1-th reference
+
+    def thresholds(self, policy: ThresholdPolicy) -> np.ndarray:
+        """Per-class thresholds [C] in score units; an input scoring strictly below is flagged."""
+        return self.score_mean + self.z_cut(policy) * self.score_std
+
+    def standardize(self, scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """z of scores measured against the given classes' benign statistics."""
+        return (np.asarray(scores) - self.score_mean[classes]) / np.maximum(self.score_std[classes], 1e-12)
+
+    def flagged_share(self, policy: ThresholdPolicy) -> float:
+        """Share of these benign scores the policy flags (at most the target for target_fpr, by construction)."""
+        return float(np.mean(self.scores < self.thresholds(policy)[self.labels])) if len(self.scores) else float("nan")

@@ -1,0 +1,127 @@
+"""Calibration runs: two streaming passes of benign reference images through the model, fitting a detector.
+
+Pass 1 feeds every reference's features into the fitter's per-fold statistics. Pass 2 scores every
+reference with the statistics of the folds it was not in (k-fold cross-fitting, default 5 folds), and the
+thresholds come from those out-of-fold scores: no reference is lost, and none is scored by statistics it
+helped make. `folds=1` is the paper notebook's in-sample way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..core.artifact import ArtifactMeta, CalibrationArtifact, model_fingerprint
+from ..core.capture import LayerCapture
+from ..core.detector import DetectorFitter, DetectorSpec
+from ..core.layers import LayerPlan
+from ..core.rules import DEFAULT_RULE, RULES, FitError
+from ..core.thresholds import ThresholdPolicy
+
+__all__ = ["Batches", "CalibrationConfig", "CalibrationError", "calibrate", "model_device"]
+
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+class CalibrationError(ValueError):
+    """The reference data cannot give a sound calibration; the message says what to supply."""
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How to calibrate: the scoring rule and its options, the threshold policy, cross-fitting folds."""
+
+    rule: str = DEFAULT_RULE
+    rule_options: dict[str, Any] = field(default_factory=dict)
+    policy: ThresholdPolicy = ThresholdPolicy()
+    folds: int = 5
+    min_per_class: int = 10
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise CalibrationError(f"unknown rule {self.rule!r}; known rules: {', '.join(RULES)}")
+        if not 1 <= self.folds <= 20:
+            raise CalibrationError(f"folds must be in 1..20, got {self.folds}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _iterate(batches: Batches, num_classes: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for x, y in batches():
+        labels = torch.as_tensor(np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.int64))
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise CalibrationError(f"label outside 0..{num_classes - 1} in reference data")
+        yield x.to(device), labels
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Batches,
+    plan: LayerPlan,
+    num_classes: int,
+    config: CalibrationConfig = CalibrationConfig(),
+    input_shape: tuple[int, ...] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> CalibrationArtifact:
+    """Run both passes and return the artifact (not yet saved). `batches()` must yield the same data twice.
+
+    `progress(n)` is called with the number of images after every batch of either pass.
+    """
+    model.eval()
+    device = model_device(model)
+    names = list(config.class_names) if config.class_names else [str(i) for i in range(num_classes)]
+    spec = DetectorSpec(rule=config.rule, layer_names=plan.layers, num_classes=num_classes,
+                        loi_search_start=plan.loi_search_start, penultimate=plan.penultimate,
+                        rule_options=dict(config.rule_options), folds=config.folds)
+    try:
+        fitter = DetectorFitter(spec, names)
+    except ValueError as exc:  # a bad rule option
+        raise CalibrationError(str(exc)) from exc
+    try:
+        with LayerCapture(model, plan.layers) as capture:
+            for x, labels in _iterate(batches, num_classes, device):
+                _, feats = capture.run(x)
+                fitter.update(feats, labels)
+                if progress:
+                    progress(len(labels))
+            _require_counts(fitter.seen_per_class, config, names)
+            fitter.fit(device)
+            for x, labels in _iterate(batches, num_classes, device):
+                _, feats = capture.run(x)
+                fitter.update_out_of_fold(feats, labels)
+                if progress:
+                    progress(len(labels))
+        detector = fitter.detector(config.policy)
+    except FitError as exc:
+        raise CalibrationError(str(exc)) from exc
+    meta = ArtifactMeta(
+        rule=config.rule, rule_options=dict(config.rule_options), layer_names=plan.layers,
+        num_classes=num_classes, class_names=tuple(names), threshold=config.policy.as_dict(), folds=config.folds,
+        loi_search_start=plan.loi_search_start, total_layers=plan.total_layers, penultimate=plan.penultimate,
+        model_fingerprint=model_fingerprint(model), input_shape=tuple(input_shape) if input_shape else None,
+        layerguard_version=__version__,
+    )
+    return CalibrationArtifact.from_detector(detector, meta)
+
+
+def _require_counts(seen: np.ndarray, config: CalibrationConfig, names: list[str]) -> None:
+    if seen.sum() == 0:
+        raise CalibrationError("the reference data is empty")
+    need = max(config.min_per_class, 2 * config.folds if config.folds > 1 else 2)
+    short = [i for i, n in enumerate(seen) if n < need]
+    if short:
+        detail = ", ".join(f"{names[i]} ({seen[i]})" for i in short)
+        raise CalibrationError(
+            f"too few reference samples for class(es) {detail}; need at least {need} per class "
+            f"(--min-per-class {config.min_per_class}, and 2 per fold with --folds {config.folds}). "
+            "Add benign images of those classes that the model never trained on."
+        )

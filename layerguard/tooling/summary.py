@@ -1,0 +1,41 @@
+"""The per-class calibration table that calibrate.py, `layerguard wrap`, `layerguard inspect`, the demo and
+the report all show: one definition, so they never disagree."""
+
+from __future__ import annotations
+
+from ..core.artifact import CalibrationArtifact
+from ..core.detector import Detector
+
+__all__ = ["CLASS_TABLE_HEAD", "class_table_rows", "describe_calibration", "format_class_table"]
+
+CLASS_TABLE_HEAD = ("class", "references", "layer of interest", "score mean", "score std", "threshold")
+
+
+def class_table_rows(artifact: CalibrationArtifact, detector: Detector | None = None) -> list[list[str]]:
+    det = detector or artifact.detector()
+    names = artifact.class_names
+    return [[names[c], str(int(det.counts[c])), artifact.layer_names[int(det.loi[c])],
+             f"{det.benign.score_mean[c]:.4f}", f"{det.benign.score_std[c]:.4f}", f"{det.thresholds[c]:.4f}"]
+            for c in range(artifact.num_classes)]
+
+
+def format_class_table(artifact: CalibrationArtifact, detector: Detector | None = None) -> str:
+    """Aligned text: references per class, layer of interest, out-of-fold score mean/std, threshold."""
+    rows = [list(CLASS_TABLE_HEAD)] + class_table_rows(artifact, detector)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(CLASS_TABLE_HEAD))]
+    left = {0, 2}
+    return "\n".join("  ".join(v.ljust(widths[i]) if i in left else v.rjust(widths[i]) for i, v in enumerate(r))
+                     for r in rows)
+
+
+def describe_calibration(artifact: CalibrationArtifact, detector: Detector | None = None) -> str:
+    """Two lines: rule, layers, threshold policy and what it delivered on the out-of-fold references."""
+    det = detector or artifact.detector()
+    meta = artifact.meta
+    options = ", ".join(f"{k}={v}" for k, v in sorted(meta.rule_options.items()))
+    folds = "in-sample (the paper's notebook)" if meta.folds == 1 else f"{meta.folds}-fold cross-fitted"
+    share = det.benign.flagged_share(det.policy)
+    return (f"rule {meta.rule}{f' ({options})' if options else ''}; monitored layers ({len(meta.layer_names)} of "
+            f"L={meta.total_layers}): {', '.join(meta.layer_names)}\n"
+            f"threshold {det.policy.describe()}, {folds}: flags {100 * share:.2f}% of the "
+            f"{len(det.benign.scores)} benign references out-of-fold")

@@ -1,0 +1,193 @@
+"""The detector on hand-made numbers: layer of interest, thresholds, both rules, cross-fitting, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from layerguard.core.detector import DetectorFitter, DetectorSpec
+from layerguard.core.rules import RULES, FitError, create_rule, parse_rule_options
+from layerguard.core.rules.cosine_loi import window_matrix
+from layerguard.core.rules.mahalanobis import oas_shrinkage
+from layerguard.core.similarity import MATMUL_MAX_CLASSES, CosineProfile, layer_of_interest, pool
+from layerguard.core.thresholds import BenignScores, ThresholdPolicy
+
+
+def test_loi_is_largest_jump_in_window():
+    curve = [0.1, 0.2, 0.9, 0.95, 0.96, 0.97]
+    assert layer_of_interest(curve, search_start=3) == 3  # the largest jump lies before the window
+    assert layer_of_interest(curve, search_start=1) == 2
+
+
+def test_loi_edges():
+    assert layer_of_interest([0.5, 0.55, 0.6, 0.99], search_start=2) == 3
+    assert layer_of_interest([0.7], search_start=0) == 0
+    assert layer_of_interest([0.2, 0.8], search_start=0) == 1  # start raised to 1
+    assert layer_of_interest([0.2, 0.8, 0.3], search_start=5) == 2  # empty window -> last layer
+    assert layer_of_interest([0.0, 0.1, 0.2, 0.3], search_start=1) == 1  # ties go to the earliest
+
+
+def test_window_matrix_clips_at_first_layer():
+    w = window_matrix(4)
+    assert w[0].tolist() == [1, 0, 0, 0] and w[1].tolist() == [1, 1, 0, 0] and w[3].tolist() == [0, 1, 1, 1]
+
+
+def test_policy_validation_and_default():
+    assert ThresholdPolicy() == ThresholdPolicy(tau=None, target_fpr=0.01)
+    assert ThresholdPolicy.from_options(tau=2.5).tau == 2.5
+    for bad in (dict(tau=None, target_fpr=None), dict(tau=2.0, target_fpr=0.1), dict(tau=-1, target_fpr=None),
+                dict(tau=None, target_fpr=0.9)):
+        with pytest.raises(ValueError):
+            ThresholdPolicy(**bad)
+    with pytest.raises(ValueError, match="not both"):
+        ThresholdPolicy.from_options(tau=1.0, target_fpr=0.1)
+
+
+def test_tau_thresholds_are_the_papers_per_class_rule():
+    scores = np.array([1.0, 3.0, 10.0, 12.0])
+    labels = np.array([0, 0, 1, 1])
+    benign = BenignScores(scores, labels, 2)
+    assert np.allclose(benign.thresholds(ThresholdPolicy(tau=2.0, target_fpr=None)), [2.0 - 2.0, 11.0 - 2.0])
+
+
+def test_target_fpr_threshold_keeps_reference_fpr_at_or_below_target():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=4000)
+    scores = rng.normal(labels * 3.0, 1.0 + labels)  # classes differ in scale: standardisation matters
+    benign = BenignScores(scores, labels, 5)
+    for target in (0.01, 0.05):
+        share = benign.flagged_share(ThresholdPolicy(target_fpr=target))
+        assert target - 0.003 <= share <= target
+
+
+def test_profile_similarities_and_many_class_path():
+    centroids = {"a": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
+    prof = CosineProfile(("a",), centroids)
+    sims = prof.similarities({"a": torch.tensor([[2.0, 0.0], [1.0, 1.0]])}, torch.tensor([0, 1]))
+    assert torch.allclose(sims[:, 0], torch.tensor([1.0, 2 ** -0.5]), atol=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    c = MATMUL_MAX_CLASSES + 6
+    many = CosineProfile(("a",), {"a": torch.randn(c, 9, generator=gen)})
+    feats = torch.randn(5, 9, generator=gen)
+    classes = torch.tensor([0, 3, c - 1, 7, 3])
+    expected = torch.nn.functional.cosine_similarity(feats, many.centroids["a"][classes], dim=1)
+    assert torch.allclose(many.similarities({"a": feats}, classes)[:, 0], expected, atol=1e-6)
+
+
+def test_pool_averages_spatial_dims():
+    t = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    assert torch.allclose(pool(t), t.mean(dim=(2, 3)))
+    assert pool(torch.ones(2, 5)).shape == (2, 5)
+
+
+def test_mahalanobis_terms_match_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 4)) + np.repeat(np.eye(4)[:2] * 3, 100, axis=0)
+    y = np.repeat([0, 1], 100)
+    rule = create_rule("mahalanobis", ("a",), 2)
+    stats = rule.new_statistics({"a": torch.from_numpy(x)})
+    rule.update(stats, {"a": torch.from_numpy(x)}, torch.from_numpy(y))
+    rule.fit(stats, ["0", "1"])
+    mu = np.stack([x[y == c].mean(0) for c in range(2)])
+    cov = ((x - mu[y]).T @ (x - mu[y])) / len(x)
+    rho = oas_shrinkage(torch.from_numpy(cov), len(x))
+    shrunk = (1 - rho) * cov + rho * np.trace(cov) / 4 * np.eye(4)
+    q = rng.normal(size=(3, 4))
+    cls = np.array([0, 1, 1])
+    d = q - mu[cls]
+    expected = np.sqrt(np.einsum("bi,ij,bj->b", d, np.linalg.inv(shrunk), d))
+    got = rule.terms({"a": torch.from_numpy(q)}, torch.from_numpy(cls), torch.zeros(3, 1))[:, 0].numpy()
+    assert np.allclose(got, expected, rtol=1e-4)
+    assert 0.0 <= rho <= 1.0
+
+
+def _toy_fit(rule: str, folds: int, n: int = 60, seed: int = 0, options=None):
+    """Two classes, two layers: features cluster by class; returns the fitted detector and the data."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n // 2)
+    centers = np.array([[4.0, 0, 0], [0, 4.0, 0]])
+    feats = {"a": torch.from_numpy(centers[y] + rng.normal(size=(n, 3))).float(),
+             "b": torch.from_numpy(2 * centers[y] + rng.normal(size=(n, 3))).float()}
+    spec = DetectorSpec(rule=rule, layer_names=("a", "b"), num_classes=2, loi_search_start=1, penultimate="a",
+                        rule_options=options or {}, folds=folds)
+    fitter = DetectorFitter(spec)
+    for lo in range(0, n, 16):  # two passes, in batches
+        fitter.update({k: v[lo:lo + 16] for k, v in feats.items()}, torch.from_numpy(y[lo:lo + 16]))
+    fitter.fit()
+    for lo in range(0, n, 16):
+        fitter.update_out_of_fold({k: v[lo:lo + 16] for k, v in feats.items()}, torch.from_numpy(y[lo:lo + 16]))
+    return fitter.detector(ThresholdPolicy()), feats, y
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_every_rule_scores_an_outlier_below_benign(rule):
+    det, feats, y = _toy_fit(rule, folds=3)
+    benign = det.score(feats, torch.from_numpy(y))
+    # an input predicted as class 1 whose first layer looks like class 0: what a backdoor does
+    odd = {"a": torch.tensor([[4.0, 0.0, 0.0]]), "b": torch.tensor([[0.0, 8.0, 0.0]])}
+    out = det.score(odd, torch.tensor([1]))
+    assert float(out.scores[0]) < float(benign.scores[torch.from_numpy(y) == 1].min())
+    assert bool(out.poisoned[0])
+    item = out.items(det.layer_names, det.rule.term_layers)[0]
+    assert set(item) == {"poisoned", "score", "threshold", "layer_of_interest", "similarities", "terms"}
+    assert set(item["similarities"]) == {"a", "b"}
+
+
+def test_penultimate_option_uses_one_layer():
+    det, _, _ = _toy_fit("mahalanobis", folds=2, options={"layers": "penultimate"})
+    assert det.rule.term_layers == ("a",)
+
+
+def test_one_fold_is_in_sample_and_cross_fitting_scores_out_of_fold():
+    """With one fold the references score against statistics they made (the notebook); with k folds each is
+    scored by statistics fitted without it, so its out-of-fold similarity to its class is lower."""
+    in_sample, _, _ = _toy_fit("cosine-loi", folds=1, n=20)
+    cross, _, _ = _toy_fit("cosine-loi", folds=5, n=20)
+    assert cross.sim_mean.mean() < in_sample.sim_mean.mean()
+    assert in_sample.counts.tolist() == [10, 10] and cross.counts.tolist() == [10, 10]
+
+
+def test_merged_shards_fit_the_same_detector():
+    det_whole, feats, y = _toy_fit("mahalanobis", folds=2, n=40)
+    spec = det_whole.spec
+    a, b = DetectorFitter(spec), DetectorFitter(spec)
+    a.update({k: v[:16] for k, v in feats.items()}, torch.from_numpy(y[:16]))
+    b.update({k: v[16:] for k, v in feats.items()}, torch.from_numpy(y[16:]))
+    a.merge(b)
+    a.fit()
+    # the full model (all references) is what serving uses: compare its state
+    full = a._full[1].arrays()
+    whole_arrays = det_whole.rule.arrays()
+    for key in ("mean/a", "precision/a"):
+        assert np.allclose(full[key], whole_arrays[key], atol=1e-4)
+
+
+def test_nan_and_constant_features_are_refused_naming_layer_and_class():
+    spec = DetectorSpec(rule="mahalanobis", layer_names=("a",), num_classes=2, loi_search_start=0,
+                        penultimate="a", folds=1)
+    fitter = DetectorFitter(spec, ["cat", "dog"])
+    bad = torch.ones(4, 3)
+    bad[2, 1] = float("nan")
+    with pytest.raises(FitError, match="layer a .*class dog"):
+        fitter.update({"a": bad}, torch.tensor([0, 0, 1, 1]))
+    fitter = DetectorFitter(spec, ["cat", "dog"])
+    fitter.update({"a": torch.ones(4, 3)}, torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(FitError, match="layer a: the pooled features are constant"):
+        fitter.fit()
+
+
+def test_rule_registry_and_options_refuse_unknown_names():
+    with pytest.raises(ValueError, match="known rules"):
+        create_rule("nope", ("a",), 2)
+    with pytest.raises(ValueError, match="no option"):
+        create_rule("mahalanobis", ("a",), 2, {"colour": "red"})
+    with pytest.raises(ValueError, match="penultimate"):
+        create_rule("mahalanobis", ("a",), 2, {"layers": "some"})
+    assert parse_rule_options(["layers=penultimate"]) == {"layers": "penultimate"}
+    with pytest.raises(ValueError):
+        parse_rule_options(["layers"])
+
+
+def test_out_of_range_prediction_is_refused():
+    det, _, _ = _toy_fit("cosine-loi", folds=2)
+    with pytest.raises(ValueError):
+        det.score({"a": torch.ones(1, 3), "b": torch.ones(1, 3)}, torch.tensor([5]))

@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         "report": ["matplotlib>=3.7"],
-        "test": ["pytest>=7", "ruff>=0.5", "mlxtend>=0.23", "requests>=2.28"],
+        "test": ["pytest>=7", "ruff>=0.5", "mlxtend>=0.23", "requests>=2.28", "grpcio>=1.60"],
     },
     entry_points={
         "console_scripts": [

@@ -10,7 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from bench.detection import ROC_GRID, rates_at, reference_threshold, split_reference, summarise, tpr_at_fpr
+from bench.detection import (
+    ROC_GRID,
+    rates_at,
+    reference_counts,
+    reference_threshold,
+    roc_summary,
+    rule_rates,
+    split_reference,
+    summarise,
+    tpr_at_fpr,
+)
 from bench.peers import Mahalanobis, ScaleUp, Strip
 
 
@@ -51,6 +61,25 @@ def test_split_reference_is_stratified_disjoint_and_deterministic() -> None:
     assert np.array_equal(ref, ref2) and np.array_equal(rest, rest2)
     with pytest.raises(ValueError):
         split_reference(labels, per_class=31, seed=0)
+
+
+def test_reference_counts_take_a_share_with_a_floor_and_split_per_class() -> None:
+    labels = np.repeat(np.arange(3), [60, 300, 21])
+    counts = reference_counts(labels, share=0.1, minimum=20)
+    assert counts.tolist() == [20, 30, 20]
+    ref, rest = split_reference(labels, counts, seed=0)
+    assert np.bincount(labels[ref]).tolist() == [20, 30, 20] and len(rest) == len(labels) - 70
+
+
+def test_rule_rates_use_the_predicted_class_threshold_and_successful_attacks_only() -> None:
+    thresholds = np.array([0.0, 10.0])
+    benign, pred = np.array([-1.0, 5.0, 5.0, 20.0]), np.array([0, 0, 1, 1])
+    att, att_pred = np.array([-5.0, 5.0, -5.0]), np.array([0, 0, 1])
+    success = np.array([True, True, False])
+    r = rule_rates(benign, pred, thresholds, success, att, att_pred)
+    assert r == {"fpr": 0.5, "tpr": 0.5}
+    assert np.isnan(rule_rates(benign, pred, thresholds, None, None, None)["tpr"])
+    assert roc_summary(benign, None) == {} and roc_summary(benign, att)["auroc"] > 0.5
 
 
 def test_reference_threshold_and_rates() -> None:
@@ -129,27 +158,45 @@ def test_mahalanobis_scores_outliers_lower_and_runs_on_a_model() -> None:
 
 
 # ---- the report ---------------------------------------------------------------------------------------
+def _rule(rng: np.random.Generator, tpr: float, fpr: float, auroc: float, attacked: bool) -> dict:
+    cell = {"tpr": tpr if attacked else float("nan"), "fpr": fpr, "reference_fpr": 0.01}
+    r = {"layers": ["b1", "fc"], "term_layers": ["b1", "fc"], "tau": {"2.5": cell},
+         "target_fpr": {"0.01": cell, "0.05": {**cell, "fpr": 0.05}},
+         "target_fpr_by_predicted": {"0.01": {**cell, "fpr": 0.009}}}
+    if attacked:
+        r.update(roc_summary(rng.normal(size=80), rng.normal(-3 * auroc, 1, size=40)))
+        r["auroc"] = auroc
+    return r
+
+
 def _fake_results(root: Path) -> None:
     rng = np.random.default_rng(1)
-    det = {}
-    for name in ("layerguard", "layerguard --exclude-logits", "Mahalanobis", "SCALE-UP", "STRIP"):
-        d = summarise(rng.normal(size=50), rng.normal(size=80), rng.normal(-2, 1, size=40), 1, 0.1)
-        det[name] = d
-    det["STRIP"]["n"] = 20
-    for variant, tpr in (("layerguard", 0.9), ("layerguard --exclude-logits", 0.97)):
-        det[variant]["tau"] = {t: {"fpr": 0.01, "tpr": tpr} for t in ("1.5", "2", "2.5", "3")}
-        det[variant]["policy_target_fpr"] = {q: {"fpr": 0.01, "tpr": tpr} for q in ("0.01", "0.05")}
-    det["layerguard"]["layer_auroc"] = {"b1": 0.99, "fc": 0.6}
-    det["layerguard"]["window_target"] = ["b1", "fc"]
-    det["layerguard"]["layer_spread"] = {"b1": {"benign_mean": 0.7, "benign_std": 0.05, "attack_mean": 0.5},
-                                         "fc": {"benign_mean": 0.8, "benign_std": 0.2, "attack_mean": 0.8}}
+    configs = [{"key": k, "label": label, "rule": k.split("/")[0], "options": {}, "folds": 5, "exclude_logits": False,
+                "tau": None, "policy": {"target_fpr": 0.01}}
+               for k, label in (("cosine-loi/paper", "cosine-loi, paper"), ("mahalanobis", "mahalanobis (all)"))]
+    models = {}
+    for name, attacked in (("clean", False), ("badnets", True), ("wanet", True)):
+        peers = {n: summarise(rng.normal(size=50), rng.normal(size=80),
+                              rng.normal(-2, 1, size=40) if attacked else None, passes, 0.1)
+                 for n, passes in (("Mahalanobis (peer)", 1), ("SCALE-UP", 6), ("STRIP", 21))}
+        peers["STRIP"]["n"] = 20
+        models[name] = {
+            "target": 0, "zoo": {"clean_acc": 0.9, "asr": 0.99 if attacked else None}, "clean_acc_scored": 0.9,
+            "reference_acc": 0.7, "asr_scored": 0.98 if attacked else None, "n_successful": 40 if attacked else 0,
+            "n_benign": 80, "seconds": 3.0, "peers": peers,
+            "rules": {"cosine-loi/paper": _rule(rng, 0.5, 0.02, 0.9, attacked),
+                      "mahalanobis": _rule(rng, 0.995 if name == "badnets" else 0.6, 0.012, 0.97, attacked)},
+        }
+    models["badnets"]["layer_diagnostic"] = {"layers": ["b1", "fc"], "cosine": [0.99, 0.6], "cosine_benign_n": 9,
+                                             "mahalanobis": [0.9, 0.8], "mahalanobis_layers": ["b1", "fc"],
+                                             "window_target": ["b1", "fc"]}
     machine = {"cpu": "test cpu", "cores": 2, "os": "Linux", "python": "3", "torch": "2", "torch_threads": 1}
     detection = {
-        "command": "x", "date": "today", "machine": machine, "seconds": 1.0, "data": "d.npz", "missing": ["sig"],
-        "protocol": {"reference_per_class": 5, "n_benign": 80, "n_scaleup": 80, "n_strip": 80, "strip_n": 20,
-                     "seed": 0, "target": 0, "calibration": "tau 2.5"},
-        "models": {"badnets": {"zoo": {"clean_acc": 0.9, "asr": 0.99}, "clean_acc_scored": 0.9, "asr_scored": 0.98,
-                               "n_successful": 40, "detectors": det}},
+        "command": "x", "date": "today", "machine": machine, "seconds": 1.0, "dataset": "cifar10",
+        "dataset_label": "CIFAR-10", "data": "d.npz", "missing": ["sig"], "configs": configs,
+        "protocol": {"reference": "10% of each class", "n_benign": 80, "n_poison": 40, "n_scaleup": 80,
+                     "n_strip": 80, "strip_n": 20, "seed": 0},
+        "models": models,
     }
     cal = {"command": "c", "date": "today", "machine": machine, "seconds": 2.0, "model": "resnet20", "batch": 100,
            "threads": 1, "runs": [{"images": n, "seconds": 1.0, "images_per_s": 100.0, "peak_extra_mb": 50.0,
@@ -165,7 +212,7 @@ def _fake_results(root: Path) -> None:
         for arch, ratio in (("small net", 0.9), ("big net", 0.99))}}
     root.mkdir(parents=True, exist_ok=True)
     (root / "serving_load.json").write_text(json.dumps(serving))
-    (root / "detection.json").write_text(json.dumps(detection))
+    (root / "detection_cifar10.json").write_text(json.dumps(detection))
     (root / "calibration_cost.json").write_text(json.dumps(cal))
 
 
@@ -175,16 +222,20 @@ def test_render_builds_the_page_from_json_only(tmp_path: Path) -> None:
     _fake_results(tmp_path / "results")
     text = render(tmp_path / "results", tmp_path / "docs")
     assert (tmp_path / "docs" / "benchmarks.md").read_text() == text
-    assert "99.46 / 1.22" in text  # the paper's anchor next to ours
-    assert "| BadNets | STRIP (N=20) | 1 |" in text
-    assert "| BadNets | `--exclude-logits` | 97.0 / 1.0 |" in text  # the variant's own tau row
-    assert "with `--exclude-logits`: tau 2.5 TPR 97.0% at FPR 1.0%" in text  # ... and its headline
-    assert "| BadNets | +4.00 (0.050) | +0.00 (0.200) |" in text  # gap in benign stds (std) per layer
+    assert "**By measurement the best rule is `mahalanobis (all)`**" in text  # chosen from the JSON
+    assert "it detects on average 79.8% of successful attacks at a delivered 1% FPR" in text  # (99.5 + 60) / 2
+    assert "BadNets 99.5% at 1.20% (not met)" in text  # delivered FPR above 1%: the target is not met
+    assert "WaNet 0.970 (met)" in text  # the stretch AUROC
+    assert "| **mahalanobis (all)** | 79.8 | 60.0 |" in text  # the decision table
+    assert "| BadNets | **mahalanobis (all)** | 0.970 | 99.5 | 1.20 |" in text  # model x rule
+    assert "| BadNets | STRIP (N=20) | 21 |" in text  # peers at equal FPR
+    assert "| BadNets | cosine (n benign 9) | **0.990** | **0.600** |" in text  # layer diagnostic
+    assert "| BadNets | 70.0 | 1.20 / 0.90 | 99.5 / 99.5 |" in text  # the threshold-source diagnostic
+    assert "Not evaluated (no trained weights when this ran): sig." in text
     assert "- TorchServe, small net, guarded vs plain .mar: throughput x0.900" in text  # one line per architecture
     assert "#### big net" in text and "throughput x0.990" in text
-    assert "Not evaluated (no trained weights when this ran): clean, blended, wanet, sig, adapblend." in text
-    assert (tmp_path / "docs" / "img" / "detection_roc.png").stat().st_size > 0
-    assert (tmp_path / "docs" / "img" / "calibration_cost.png").stat().st_size > 0
+    for img in ("detection_roc_cifar10.png", "detection_fpr_cifar10.png", "calibration_cost.png"):
+        assert (tmp_path / "docs" / "img" / img).stat().st_size > 0
     assert "## Cost" not in text  # no overhead.json: its section is left out rather than invented
 
 

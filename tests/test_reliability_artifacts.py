@@ -1,9 +1,11 @@
-"""Bad artifacts and configuration: each fails at load time with a message naming the problem and the fix;
-the model is served unguarded only when model-config.yaml asks for it (`on_missing_calibration:
-serve_unguarded`), and then every response says so. Artifacts are never unpickled.
+"""Bad artifacts and configuration: each is refused at load time with a message naming the problem and the
+fix, and the refused model answers every request promptly with a 503 carrying that message (a worker that
+raised would be restarted forever while clients hang). The model is served unguarded only when
+model-config.yaml asks for it (`on_missing_calibration: serve_unguarded`), and then every response says so.
+Artifacts are never unpickled.
 
 In-process cases load the guarded model the way a worker does (ts.model_loader + the real Context); one
-real TorchServe shows a broken archive failing to load next to an explicitly unguarded one.
+real TorchServe shows a broken archive refusing next to an explicitly unguarded one.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import yaml
 from torchserve_util import TorchServe, digit_pngs, guarded_archives
 
 from bench.load_test import THREAD_ENV
-from layerguard.artifact import DEFAULT_FILENAME, ArtifactError, CalibrationArtifact
-from layerguard.packaging import set_requests
-from layerguard.policy import DEFAULT_MAX_IMAGE_PIXELS, PolicyError, ServingPolicy, parse_policy
-from layerguard.serving import model_dir_imports
+from layerguard.core.artifact import DEFAULT_FILENAME, ArtifactMeta, CalibrationArtifact
+from layerguard.serving.inner import model_dir_imports
+from layerguard.serving.policy import ServingPolicy, parse_policy
+from layerguard.tooling.worker import set_requests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +74,7 @@ def tamper(path: Path) -> None:
     """Change one centroid value and re-save a valid .npz with the original metadata (stale checksum)."""
     with np.load(path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    key = next(k for k in arrays if k.startswith("centroid/"))
+    key = next(k for k in arrays if k.startswith("profile/centroid/"))
     arrays[key] = arrays[key].copy()
     arrays[key].flat[0] += 0.5
     with open(path, "wb") as fh:
@@ -98,25 +100,50 @@ def pickle_in(path: Path) -> None:
 
 
 def fewer_classes(path: Path) -> None:
-    """A consistent, correctly checksummed artifact for a 9-class model of the same weights."""
+    """A consistent, correctly sealed artifact for a 9-class model of the same weights."""
     art = CalibrationArtifact.load(path)
-    for name in ("sim_mean", "sim_std", "loi", "score_mean", "score_std", "score_hist", "counts_centroid",
-                 "counts_threshold"):
-        setattr(art, name, getattr(art, name)[:9])
-    art.centroids = {n: c[:9] for n, c in art.centroids.items()}
-    meta = dict(art.meta, num_classes=9)
-    if meta.get("class_names"):
-        meta["class_names"] = meta["class_names"][:9]
-    art.meta = meta
-    art.save(path)
+    keep = art.arrays["calibration/benign_labels"] < 9
+    arrays = {}
+    for key, value in art.arrays.items():
+        if key.startswith("calibration/benign_"):
+            arrays[key] = value[keep]
+        elif value.ndim and value.shape[0] == 10:
+            arrays[key] = value[:9]
+        else:
+            arrays[key] = value
+    meta = ArtifactMeta(**{**art.meta.__dict__, "num_classes": 9, "class_names": art.meta.class_names[:9]})
+    CalibrationArtifact(meta, arrays).save(path)
 
 
 def missing_layer(path: Path) -> None:
     art = CalibrationArtifact.load(path)
-    old = art.layer_names[-1]
-    art.layer_names = (*art.layer_names[:-1], "head_that_is_not_there")
-    art.centroids = {("head_that_is_not_there" if n == old else n): c for n, c in art.centroids.items()}
-    art.save(path)
+    old, new = art.layer_names[-1], "head_that_is_not_there"
+    arrays = {key.replace(f"/{old}", f"/{new}") if key.endswith(f"/{old}") else key: v for key, v in art.arrays.items()}
+    meta = ArtifactMeta(**{**art.meta.__dict__, "layer_names": (*art.layer_names[:-1], new),
+                           "penultimate": art.meta.penultimate if art.meta.penultimate != old else new})
+    CalibrationArtifact(meta, arrays).save(path)
+
+
+def answers(service, images) -> list[tuple[int, dict, object]]:
+    data = [{"data": images[0][0]}, {"data": b"junk"}, {"data": images[1][0]}]
+    set_requests(service.context, len(data))
+    out = service._entry_point(data, service.context)
+    return [(service.context.get_response_status(i)[0], service.context.get_response_headers(i), out[i])
+            for i in range(len(data))]
+
+
+def assert_refused(model_dir: Path, images, problem: str) -> str:
+    """The worker loads; every request (good or bad input) gets a 503 whose reason names the problem."""
+    start = time.monotonic()
+    results = answers(load_worker(model_dir), images)
+    assert time.monotonic() - start < 30
+    assert [r[0] for r in results] == [503, 503, 503]
+    reason = results[0][2]["reason"]
+    assert results[0][2]["error"] == "model refused to load"
+    import re
+
+    assert re.search(problem, reason), reason
+    return reason
 
 
 @pytest.mark.parametrize("breaks, problem", [
@@ -127,12 +154,11 @@ def missing_layer(path: Path) -> None:
     (missing_layer, "model has no layer.s. head_that_is_not_there"),
     (lambda path: path.unlink(), "not found"),
 ], ids=["truncated", "tampered", "pickled", "class-count", "missing-layer", "missing"])
-def test_bad_artifact_fails_the_load_naming_problem_and_fix(archives, tmp_path, breaks, problem):
+def test_bad_artifact_is_refused_naming_problem_and_fix(archives, tmp_path, images, breaks, problem):
     model_dir = extract(archives["guarded"], tmp_path / "model")
     breaks(model_dir / DEFAULT_FILENAME)
-    with pytest.raises(ArtifactError, match=problem) as info:
-        load_worker(model_dir)
-    assert "Re-run" in str(info.value)  # the fix
+    reason = assert_refused(model_dir, images, problem)
+    assert "Re-run" in reason  # the fix
     assert not (model_dir / "PWNED").exists()  # never unpickled
 
 
@@ -145,28 +171,26 @@ def test_bad_artifact_fails_the_load_naming_problem_and_fix(archives, tmp_path, 
     ({"on_missing_calibration": "ignore"}, "on_missing_calibration must be one of refuse, serve_unguarded"),
     ({"max_image_pixels": 0}, "max_image_pixels must be a positive integer"),
 ])
-def test_bad_configuration_fails_the_load(archives, tmp_path, block, problem):
+def test_bad_configuration_is_refused(archives, tmp_path, images, block, problem):
     model_dir = extract(archives["guarded"], tmp_path / "model")
     edit_config(model_dir, **block)
-    with pytest.raises(PolicyError, match=problem):
-        load_worker(model_dir)
+    assert_refused(model_dir, images, problem)
 
 
 def test_new_policy_keys_round_trip_and_default_to_refuse():
     default = parse_policy({"handler": {"layerguard": {"inner_handler": "h.py"}}})
     assert default.on_missing_calibration == "refuse" and not default.may_serve_unguarded
-    assert default.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
+    assert default.max_image_pixels is None  # follows the calibrated input size
     lax = ServingPolicy("h.py", on_missing_calibration="serve_unguarded", max_image_pixels=1000)
     assert parse_policy({"handler": {"layerguard": lax.to_config()}}) == lax
 
 
-def test_serve_unguarded_applies_only_to_a_missing_artifact(archives, tmp_path):
+def test_serve_unguarded_applies_only_to_a_missing_artifact(archives, tmp_path, images):
     """A damaged or foreign artifact is a broken deployment, never a reason to drop the guard."""
     model_dir = extract(archives["guarded"], tmp_path / "model")
     edit_config(model_dir, on_missing_calibration="serve_unguarded")
     tamper(model_dir / DEFAULT_FILENAME)
-    with pytest.raises(ArtifactError, match="was modified"):
-        load_worker(model_dir)
+    assert_refused(model_dir, images, "was modified")
 
 
 def test_serve_unguarded_is_loud_and_marks_every_response(archives, tmp_path, images, caplog):
@@ -176,13 +200,10 @@ def test_serve_unguarded_is_loud_and_marks_every_response(archives, tmp_path, im
     caplog.set_level(logging.INFO)
     service = load_worker(model_dir)
     assert any(r.levelno >= logging.ERROR and "UNGUARDED" in r.getMessage() for r in caplog.records)
-    data = [{"data": images[0][0]}, {"data": b"junk"}, {"data": images[1][0]}]
-    set_requests(service.context, len(data))
-    out = service._entry_point(data, service.context)
-    statuses = [service.context.get_response_status(i)[0] for i in range(3)]
-    assert statuses == [200, 400, 200]
-    for i in range(3):
-        assert service.context.get_response_headers(i)["X-LayerGuard-Guarded"] == "false"
+    results = answers(service, images)
+    assert [r[0] for r in results] == [200, 400, 200]
+    assert all(r[1]["X-LayerGuard-Guarded"] == "false" for r in results)
+    out = [r[2] for r in results]
     assert out[0]["layerguard"] == {"guarded": False, "reason": out[0]["layerguard"]["reason"]}
     assert out[2]["class"] == 7  # the trigger works and nothing stops it: that is what unguarded means
     metrics = "\n".join(r.getMessage() for r in caplog.records if "[METRICS]LayerGuard" in r.getMessage())
@@ -218,7 +239,7 @@ def server(tmp_path_factory, archives):
                 on_missing_calibration="serve_unguarded")
     rewrite_mar(archives["guarded"], store / "unguarded.mar", None, on_missing_calibration="serve_unguarded")
     ts = TorchServe(tmp_path_factory.mktemp("torchserve"), store, ["broken=broken.mar", "unguarded=unguarded.mar"],
-                    env=THREAD_ENV, wait_for=["unguarded"])
+                    env=THREAD_ENV, wait_for=["unguarded", "broken"])
     try:
         ts.start()
         yield ts
@@ -226,14 +247,20 @@ def server(tmp_path_factory, archives):
         ts.stop()
 
 
-def test_broken_archive_fails_to_load_and_the_log_says_why(server):
-    deadline = time.monotonic() + 60
-    while "was modified after it was written" not in server.log_text() and time.monotonic() < deadline:
-        time.sleep(0.5)
+def test_broken_archive_answers_503_promptly_and_the_metric_shows_it(server, images):
+    """The probe's hang: a refused model must answer at once, say why, and be visible to alerting."""
+    start = time.monotonic()
+    r = requests.post(f"{server.url}/predictions/broken", data=images[0][0], headers=server.headers(), timeout=30)
+    assert time.monotonic() - start < 10
+    assert r.status_code == 503 and r.json()["error"] == "model refused to load"
+    assert "was modified after it was written" in r.json()["reason"] and "Re-run" in r.json()["reason"]
+    assert r.headers["X-LayerGuard-Guarded"] == "false"
     log = server.log_text()
-    assert "was modified after it was written" in log and "Re-run" in log
-    assert "Load model failed: broken" in log and "Model broken is served UNGUARDED" not in log
-    assert not server.worker_pids("broken")  # never READY: it is not served, guarded or not
+    assert "REFUSED to load model broken" in log and "Model broken is served UNGUARDED" not in log
+    deadline = time.monotonic() + 20
+    while server.metrics("broken").get("LayerGuardGuardRefused", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert server.metrics("broken")["LayerGuardGuardRefused"] >= 1
     assert server.worker_pids("unguarded")  # the other model is unaffected
 
 

@@ -99,8 +99,8 @@ def test_batch_being_collected_is_dropped_and_a_retry_is_answered(server, digit)
     new_pid = server.wait_worker(MODEL, not_pid=pid, timeout=30)
     ready = time.monotonic() - killed
     sender.join()
-    print(f"\nreplacement {new_pid} READY {ready:.1f} s after the kill; first request: "
-          f"{'no answer after %.1f s' % first['s'] if first['r'] is None else first['r'].status_code}")
+    seen = f"no answer after {first['s']:.1f} s" if first["r"] is None else first["r"].status_code
+    print(f"\nreplacement {new_pid} READY {ready:.1f} s after the kill; first request: {seen}")
     # a request merely waiting for the replacement would have been answered by READY + one batch delay
     assert ready + BATCH_DELAY_MS / 1000 + 2 < client_timeout, ready
     assert first["r"] is None, (

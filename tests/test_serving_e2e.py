@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from torchserve_util import TorchServe, digit_pngs, guarded_archives
+from torchserve_util import TorchServe, digit_pngs, guarded_archives, guarded_with_handler
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,44 @@ def test_prometheus_metrics(server, images):
     assert value("LayerGuardInputsFlagged", "mnist_reject") >= 1
     assert value("LayerGuardErrors", "mnist") == 0
     assert value("LayerGuardDetectionLatency", "mnist") >= 0
+
+
+# ---- archives whose own handler customises handle / postprocess: wrapping keeps them ------------------------
+@pytest.fixture(scope="module")
+def custom_server(tmp_path_factory, backdoored_mnist, mnist_splits):
+    root = tmp_path_factory.mktemp("custom")
+    guarded_with_handler(root, backdoored_mnist, mnist_splits, "mnist_own_handle.py", "own")
+    guarded_with_handler(root, backdoored_mnist, mnist_splits, "mnist_postprocess_only.py", "post",
+                         extra_handler=True)
+    ts = TorchServe(tmp_path_factory.mktemp("torchserve-custom"), root / "store", ["own=own.mar", "post=post.mar"])
+    try:
+        ts.start()
+        yield ts
+    finally:
+        ts.stop()
+
+
+def test_inner_handle_override_served_through_the_guard(custom_server, images):
+    clean, triggered, _ = images
+    body = predict(custom_server, triggered[0], model="own").json()
+    assert body["handled_by"] == "own handle" and body["layerguard"]["poisoned"] is True
+    assert predict(custom_server, clean[0], model="own").json()["layerguard"]["poisoned"] is False
+    r = requests.post(f"{custom_server.url}/explanations/own", data=clean[0], headers=custom_server.headers(),
+                      timeout=60)
+    assert r.status_code == 200 and r.json() == {"explanation": "own explain", "n": 1}
+
+
+def test_inner_postprocess_override_served_through_the_guard(custom_server, images):
+    r = predict(custom_server, images[1][0], model="post")
+    assert r.status_code == 200 and set(r.json()) == {"digit", "confidence", "layerguard"}
+    assert r.json()["layerguard"]["poisoned"] is True
+    url = f"http://127.0.0.1:{custom_server.ports['management']}/models/post?customized=true"
+    described = requests.get(url, headers=custom_server.headers("management"), timeout=30)
+    assert described.status_code == 200, described.text
+    assert "digits, postprocess only" in described.text  # the inner describe_handle, through the guard
+
+
+def test_handler_time_is_still_exported(custom_server, images):
+    predict(custom_server, images[0][0], model="post")
+    log = custom_server.log_text()
+    assert "HandlerTime.ms" in log or "HandlerTime.Milliseconds" in log

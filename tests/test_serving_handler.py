@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from torchserve_util import build_original_mar, digit_pngs, guarded_archives
+from torchserve_util import build_original_mar, digit_pngs, guarded_archives, guarded_with_handler
 
 from layerguard.serving.entry import guard_for
 from layerguard.serving.inner import GuardLoadError, guardable_model, model_dir_imports
@@ -147,7 +147,7 @@ def test_detector_failure_is_a_per_item_500_and_counted(served, images, monkeypa
     def broken(*_args, **_kw):
         raise RuntimeError("centroids on fire")
 
-    monkeypatch.setattr(handler.detector, "score", broken)
+    monkeypatch.setattr(handler.detector, "score_reduced", broken)
     caplog.set_level(logging.INFO)
     results = served([clean[0], b"junk", clean[1]])
     assert [r[0] for r in results] == [500, 400, 500]
@@ -219,9 +219,16 @@ def test_refusal_is_counted_in_a_metric(archives, tmp_path, images, caplog):
     model_dir = extract(archives["guarded"], tmp_path / "d")
     (model_dir / "layerguard_calibration.npz").unlink()
     caplog.set_level(logging.INFO)
-    Served(model_dir)([images[0][0]] * 3)
+    served = Served(model_dir)
+    lines = [r.getMessage() for r in caplog.records if "[METRICS]LayerGuardGuardRefused" in r.getMessage()]
+    assert any("LayerGuardGuardRefused.Count:1|" in line for line in lines), lines  # at load, before traffic
+    caplog.clear()
+    served([images[0][0]] * 3)
     lines = [r.getMessage() for r in caplog.records if "[METRICS]LayerGuardGuardRefused" in r.getMessage()]
     assert any("LayerGuardGuardRefused.Count:3|" in line for line in lines), lines
+    described = served([images[0][0]], [{"describe": "True"}])[0]
+    assert described[0] == 200 and described[2]["layerguard"]["state"] == "refused"
+    assert "not found" in described[2]["layerguard"]["reason"]
 
 
 def test_signing_key_configured_refuses_an_unsigned_artifact(archives, tmp_path, images, monkeypatch):
@@ -298,19 +305,8 @@ def test_torch_export_program_is_guarded_through_unflatten(tmp_path, images, bac
     assert sum(flagged(served(clean[:16]))) <= 3
 
 
-def wrap_with_handler(tmp_path, model, splits, handler: str, extra_handler: bool = False) -> Path:
-    """A guarded archive of an original whose handler is tests/serving_assets/<handler>."""
-    from torchserve_util import ASSETS
-
-    mar = build_original_mar(tmp_path / "orig", model, name="custom", handler=ASSETS / handler)
-    if extra_handler:  # the handler imports mnist_handler: ship it in the original like a user would
-        with zipfile.ZipFile(mar, "a") as zf:
-            zf.write(ASSETS / "mnist_handler.py", "mnist_handler.py")
-    return wrap_mar(mar, ArraySource(splits.x_ref, splits.y_ref), WrapConfig(out_dir=tmp_path / "store")).mar_path
-
-
 def test_inner_handle_override_keeps_working_and_is_annotated(tmp_path, images, backdoored_mnist, mnist_splits):
-    guarded = wrap_with_handler(tmp_path, backdoored_mnist, mnist_splits, "mnist_own_handle.py")
+    guarded = guarded_with_handler(tmp_path, backdoored_mnist, mnist_splits, "mnist_own_handle.py", "custom")
     served = Served(extract(guarded, tmp_path / "d"), name="custom")
     assert served.guard.delegates_handle
     clean, triggered, _ = images
@@ -326,8 +322,8 @@ def test_inner_handle_override_keeps_working_and_is_annotated(tmp_path, images, 
 
 
 def test_inner_postprocess_override_keeps_its_shape(tmp_path, images, backdoored_mnist, mnist_splits):
-    guarded = wrap_with_handler(tmp_path, backdoored_mnist, mnist_splits, "mnist_postprocess_only.py",
-                                extra_handler=True)
+    guarded = guarded_with_handler(tmp_path, backdoored_mnist, mnist_splits, "mnist_postprocess_only.py", "custom",
+                                   extra_handler=True)
     served = Served(extract(guarded, tmp_path / "d"), name="custom")
     assert not served.guard.delegates_handle
     status, _, body = served([images[1][0]])[0]

@@ -67,7 +67,8 @@ def test_wrap_cli_from_image_folder_leaves_original_untouched(archives, tmp_path
     assert "guarded archive:" in out_text
     # the calibration is shown, not hidden: rule, policy and the per-class table
     assert "rule mahalanobis" in out_text and "threshold target_fpr=0.05" in out_text
-    assert "layer of interest" in out_text and len([ln for ln in out_text.splitlines() if ln[:2].strip().isdigit()]) >= 10
+    rows = [ln for ln in out_text.splitlines() if ln[:2].strip().isdigit()]
+    assert "layer of interest" in out_text and len(rows) >= 10
     assert digest(original) == before
     out = tmp_path / "store" / "mnist_strict.mar"
     with zipfile.ZipFile(out) as zf:

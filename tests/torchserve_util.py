@@ -123,6 +123,22 @@ def guarded_archives(root: Path, model: torch.nn.Module, splits) -> dict[str, Pa
     return _BUILT["store"]
 
 
+def guarded_with_handler(root: Path, model: torch.nn.Module, splits, handler: str, name: str,
+                         extra_handler: bool = False) -> Path:
+    """A guarded archive of an original whose handler is serving_assets/<handler> (with mnist_handler.py
+    shipped beside it when `extra_handler`, for handlers that import it), calibrated on splits.x_ref."""
+    import zipfile
+
+    from layerguard.tooling.data import ArraySource
+    from layerguard.tooling.wrap import WrapConfig, wrap_mar
+
+    mar = build_original_mar(root / f"orig-{name}", model, name=name, handler=ASSETS / handler)
+    if extra_handler:
+        with zipfile.ZipFile(mar, "a") as zf:
+            zf.write(ASSETS / "mnist_handler.py", "mnist_handler.py")
+    return wrap_mar(mar, ArraySource(splits.x_ref, splits.y_ref), WrapConfig(out_dir=root / "store")).mar_path
+
+
 def with_config(mar: Path, out: Path, mutate) -> Path:
     """A copy of a guarded .mar whose model-config.yaml is changed by `mutate(config_dict)`."""
     import zipfile

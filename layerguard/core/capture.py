@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,10 +50,14 @@ class LayerCapture:
     Each output is kept as the tensor the layer returned, detached (no copy). Because it is not a copy, an
     in-place op later in the forward pass would change it silently; the tensor's version counter is
     checked on read and such a layer is refused with a clear error.
+
+    With `reducer(name, output)`, the hook keeps only what the reducer returns, computed right when the layer
+    has produced its output (still in cache, before any later in-place op): serving keeps a few numbers per
+    input instead of every monitored activation (`Detector.reducer`).
     """
 
     def __init__(self, model: nn.Module, layer_names: tuple[str, ...] | list[str],
-                 capture_output: bool = False) -> None:
+                 capture_output: bool = False, reducer: Callable[[str, torch.Tensor], Any] | None = None) -> None:
         self.model = model
         self.layer_names = tuple(layer_names)
         modules = dict(model.named_modules())
@@ -62,7 +67,8 @@ class LayerCapture:
         self._hooks: dict[nn.Module, Hook] = {modules[n]: self._hook(n) for n in self.layer_names}
         if capture_output:
             self._hooks[model] = self._output_hook
-        self._outputs: dict[str, tuple[torch.Tensor, int | None]] = {}
+        self._reducer = reducer
+        self._outputs: dict[str, tuple[Any, int | None]] = {}
         self._model_output: object = None
         self._stack: contextlib.ExitStack | None = None
 
@@ -91,7 +97,10 @@ class LayerCapture:
             if not isinstance(output, torch.Tensor) or output.dim() < 1:
                 raise CaptureError(f"layer {name!r} returned {type(output).__name__}, not a batch tensor")
             kept = output.detach()
-            self._outputs[name] = (kept, _version_of(kept))
+            if self._reducer is not None:
+                self._outputs[name] = (self._reducer(name, kept), None)
+            else:
+                self._outputs[name] = (kept, _version_of(kept))
 
         return hook
 
@@ -108,8 +117,9 @@ class LayerCapture:
         """The model's output of the last forward pass (only with `capture_output=True`)."""
         return self._model_output
 
-    def features(self) -> dict[str, torch.Tensor]:
-        """The last forward pass's outputs by layer name, each [batch, ...] as the layer returned it."""
+    def features(self) -> dict[str, Any]:
+        """The last forward pass's outputs by layer name, each [batch, ...] as the layer returned it (or as
+        the reducer reduced it)."""
         missing = [n for n in self.layer_names if n not in self._outputs]
         if missing:
             raise CaptureError(

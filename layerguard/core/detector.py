@@ -50,29 +50,28 @@ class Detection:
     """Per-item results of one batch, all tensors on the CPU."""
 
     predicted: torch.Tensor  # [B] class used for scoring
-    similarities: torch.Tensor  # [B, K] cosine similarity to the predicted class's centroid per layer
+    similarities: torch.Tensor | None  # [B, K] cosine similarity to the predicted class's centroid per layer
     terms: torch.Tensor  # [B, T] the rule's per-layer terms
     scores: torch.Tensor  # [B]
     thresholds: torch.Tensor  # [B]
     layer_of_interest: torch.Tensor  # [B] index into layer_names
     poisoned: torch.Tensor  # [B] bool
 
-    def items(self, layer_names: tuple[str, ...], term_layers: tuple[str, ...]) -> list[dict]:
-        """JSON-ready annotations for the whole batch: one conversion to Python lists, not one per value."""
+    def items(self, layer_names: tuple[str, ...], term_layers: tuple[str, ...], compact: bool = False) -> list[dict]:
+        """JSON-ready annotations for the whole batch: one conversion to Python lists, not one per value.
+        With `compact`, only the verdict, score, threshold and layer of interest."""
         poisoned, scores = self.poisoned.tolist(), self.scores.tolist()
         thresholds, lois = self.thresholds.tolist(), self.layer_of_interest.tolist()
-        sims, terms = self.similarities.tolist(), self.terms.tolist()
-        return [
-            {
-                "poisoned": poisoned[i],
-                "score": scores[i],
-                "threshold": thresholds[i],
-                "layer_of_interest": layer_names[lois[i]],
-                "similarities": dict(zip(layer_names, sims[i])),
-                "terms": dict(zip(term_layers, terms[i])),
-            }
-            for i in range(len(poisoned))
-        ]
+        notes = [{"poisoned": poisoned[i], "score": scores[i], "threshold": thresholds[i],
+                  "layer_of_interest": layer_names[lois[i]]} for i in range(len(poisoned))]
+        if not compact:
+            sims = self.similarities.tolist() if self.similarities is not None else None
+            terms = self.terms.tolist()
+            for i, note in enumerate(notes):
+                if sims is not None:
+                    note["similarities"] = dict(zip(layer_names, sims[i]))
+                note["terms"] = dict(zip(term_layers, terms[i]))
+        return notes
 
 
 class Detector:
@@ -109,18 +108,38 @@ class Detector:
         self.rule.to(device)
         return self
 
-    def score(self, features: dict[str, torch.Tensor], predicted: torch.Tensor) -> Detection:
-        """Verdicts for one batch from its captured features and the classes the model predicted."""
+    def reducer(self, similarities: bool = True):
+        """`reduce(name, output)` for `LayerCapture(reducer=...)`: each layer's output is reduced to what
+        scoring needs inside its hook (a few numbers per input), so no activation is kept past its layer.
+        `similarities=False` skips the cosine profile when the rule does not need it (compact responses)."""
+        cosine = similarities or self.rule.name == "cosine-loi"
+
+        def reduce(name: str, output: torch.Tensor) -> tuple:
+            return (self.profile.reduce(name, output) if cosine else None, self.rule.reduce(name, output))
+
+        return reduce
+
+    def score_reduced(self, reduced: dict[str, tuple], predicted: torch.Tensor) -> Detection:
+        """Verdicts for one batch from its reduced layer outputs (see `reducer`) and the predicted classes."""
         classes = predicted.detach().to(torch.int64)
         if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
             raise ValueError(f"predicted class outside 0..{self.num_classes - 1}")
-        sims = self.profile.similarities(features, classes)
-        terms = self.rule.terms(features, classes.to(sims.device), sims)
+        with_sims = all(reduced[n][0] is not None for n in self.layer_names)
+        sims = self.profile.similarities_from({n: reduced[n][0] for n in self.layer_names}, classes) \
+            if with_sims else None
+        device = self.profile.device
+        terms = self.rule.terms({n: reduced[n][1] for n in self.layer_names}, classes.to(device), sims)
         scores = self.rule.combine(terms, classes.to(terms.device))
         cpu = classes.cpu()
         scores, thresholds = scores.cpu(), self._thresholds_t[cpu]
-        return Detection(predicted=cpu, similarities=sims.cpu(), terms=terms.cpu(), scores=scores,
-                         thresholds=thresholds, layer_of_interest=self._loi_t[cpu], poisoned=scores < thresholds)
+        return Detection(predicted=cpu, similarities=None if sims is None else sims.cpu(), terms=terms.cpu(),
+                         scores=scores, thresholds=thresholds, layer_of_interest=self._loi_t[cpu],
+                         poisoned=scores < thresholds)
+
+    def score(self, features: dict[str, torch.Tensor], predicted: torch.Tensor) -> Detection:
+        """Verdicts for one batch from its captured layer outputs and the classes the model predicted."""
+        reduce = self.reducer()
+        return self.score_reduced({n: reduce(n, features[n]) for n in self.layer_names}, predicted)
 
     def predict(self, features: dict[str, torch.Tensor], predicted: torch.Tensor) -> torch.Tensor:
         """[B] bool: flagged as backdoor-triggered."""
@@ -253,7 +272,8 @@ class DetectorFitter:
             part_labels = labels[rows.to(labels.device)]
             profile, rule = self._fold_models[f]
             sims = profile.similarities(part, part_labels)
-            terms = rule.terms(part, part_labels.to(sims.device), sims)
+            reduced = {n: rule.reduce(n, t) for n, t in part.items()}
+            terms = rule.terms(reduced, part_labels.to(sims.device), sims)
             self._oof.append((sims.cpu().numpy(), terms.cpu().numpy(), part_labels.cpu().numpy()))
 
     def detector(self, policy: ThresholdPolicy) -> Detector:

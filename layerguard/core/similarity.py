@@ -74,20 +74,34 @@ class CosineProfile:
                   device: torch.device | str = "cpu") -> CosineProfile:
         return cls(layer_names, {n: sums[n].means().to(torch.float32) for n in layer_names}, device)
 
-    def similarities(self, features: dict[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
-        """[B, K] cosine similarity of each item's features to its class's centroid at every layer."""
-        classes = classes.to(self.device, torch.int64)
-        feats = [flatten(features[name]).to(self.device, torch.float32) for name in self.layer_names]
+    def reduce(self, name: str, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cosine needs of one layer's output, computed while it is still in cache (serving does this
+        inside the layer's hook, so no activation outlives its layer): the dot products with every unit
+        centroid [B, C] (or, with many classes, the flattened output itself) and the norms [B]."""
+        f = flatten(output).to(self.device, torch.float32)
+        norms = torch.linalg.vector_norm(f, dim=1)
         if self.num_classes <= MATMUL_MAX_CLASSES:
-            # one BLAS call per layer against every centroid beats gathering a [B, D] copy when classes are few
-            every = torch.stack([f @ self.unit_centroids[n].T for n, f in zip(self.layer_names, feats)], dim=1)
-            index = classes[:, None, None].expand(-1, len(feats), 1)
-            dots = every.gather(2, index)[..., 0]  # [B, K]
+            # one BLAS call against every centroid beats gathering a [B, D] copy when classes are few
+            return f @ self.unit_centroids[name].T, norms
+        return f, norms
+
+    def similarities_from(self, reduced: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: torch.Tensor
+                          ) -> torch.Tensor:
+        """[B, K] cosine similarities from `reduce`'s output per layer, against the given classes."""
+        classes = classes.to(self.device, torch.int64)
+        parts = [reduced[n] for n in self.layer_names]
+        if self.num_classes <= MATMUL_MAX_CLASSES:
+            every = torch.stack([dots for dots, _ in parts], dim=1)  # [B, K, C]
+            dots = every.gather(2, classes[:, None, None].expand(-1, len(parts), 1))[..., 0]
         else:
             dots = torch.stack([(f * self.unit_centroids[n][classes]).sum(dim=1)
-                                for n, f in zip(self.layer_names, feats)], dim=1)
-        norms = torch.stack([torch.linalg.vector_norm(f, dim=1) for f in feats], dim=1)
+                                for n, (f, _) in zip(self.layer_names, parts)], dim=1)
+        norms = torch.stack([norm for _, norm in parts], dim=1)
         return dots / norms.clamp_min(1e-12)
+
+    def similarities(self, features: dict[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        """[B, K] cosine similarity of each item's features to its class's centroid at every layer."""
+        return self.similarities_from({n: self.reduce(n, features[n]) for n in self.layer_names}, classes)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {f"centroid/{n}": self.centroids[n].cpu().numpy() for n in self.layer_names}

@@ -50,7 +50,6 @@ HEADER_POISONED = "X-LayerGuard-Poisoned"
 HEADER_SCORE = "X-LayerGuard-Score"
 HEADER_GUARDED = "X-LayerGuard-Guarded"
 ANNOTATION_KEY = "layerguard"
-COMPACT_DROP = ("similarities", "terms")
 
 
 class LayerGuardHandler:
@@ -103,7 +102,8 @@ class LayerGuardHandler:
         self.detector = self.artifact.detector(self.policy.threshold, device=self.device)
         self.max_image_pixels = self.policy.max_image_pixels or default_max_pixels(self.artifact.meta.input_shape)
         limit_image_pixels(self.max_image_pixels)  # after the inner handler: the guard's limit wins
-        self.capture = LayerCapture(self.model, self.artifact.layer_names, capture_output=self.delegates_handle)
+        self.capture = LayerCapture(self.model, self.artifact.layer_names, capture_output=self.delegates_handle,
+                                    reducer=self.detector.reducer(similarities=self.policy.response == "full"))
         self.capture.attach()
         self._probe(context)
         logger.info("layerguard: guarding %s with rule %s at layers %s, policy %s, threshold %s, %s",
@@ -120,8 +120,8 @@ class LayerGuardHandler:
                      "until the archive is fixed and re-registered.", getattr(context, "model_name", "?"),
                      self.refused)
         metrics = getattr(context, "metrics", None)
-        if metrics is not None:
-            m.record_counter(metrics, m.REFUSED, 0, context.model_name)
+        if metrics is not None:  # 1 for the refusal itself: alerts fire even before any request arrives
+            m.record_counter(metrics, m.REFUSED, 1, context.model_name)
 
     @property
     def guarded(self) -> bool:
@@ -164,6 +164,8 @@ class LayerGuardHandler:
         self.context = context
         if self.inner is not None:
             self.inner.context = context
+        if _is_describe(context) and self.refused is not None:
+            return [{"layerguard": {"state": "refused", "reason": self.refused}}]  # visible on the management API
         if self.refused is None and self.inner is not None and _is_explain_or_describe(context):
             return self.inner.handle(data, context)  # not a prediction: the inner handler's own answer
         batch = _Batch(len(data))
@@ -189,8 +191,9 @@ class LayerGuardHandler:
     def _answer_refused(self, context, batch: _Batch) -> None:
         for i in range(len(batch.responses)):
             batch.fail(context, i, 503, "Service Unavailable", "model refused to load",
-                       f"layerguard refused to load this model: {self.refused}. Fix the archive (re-run "
-                       "`layerguard wrap`) and register it again; `layerguard inspect` shows what is wrong.")
+                       f"layerguard refused to load this model: {self.refused}. `layerguard inspect` on the "
+                       "archive shows what is wrong; fix it (re-run `layerguard wrap`) and restart TorchServe "
+                       "with the fixed archive.")
         batch.refused = len(batch.responses)
 
     # -- the BaseHandler lifecycle, one request at a time up to the forward pass --
@@ -276,13 +279,9 @@ class LayerGuardHandler:
             if logits.shape[0] != len(indices):
                 raise ValueError(f"the watched forward pass had {logits.shape[0]} rows for {len(indices)} inputs "
                                  "(the handler ran the model more than once per batch?)")
-            detection = self.detector.score(self.capture.features(), logits.argmax(dim=1))
-            notes = detection.items(self.artifact.layer_names, self.detector.rule.term_layers)
-            if self.policy.response == "compact":
-                for note in notes:
-                    for key in COMPACT_DROP:
-                        note.pop(key, None)
-            return notes
+            detection = self.detector.score_reduced(self.capture.features(), logits.argmax(dim=1))
+            return detection.items(self.artifact.layer_names, self.detector.rule.term_layers,
+                                   compact=self.policy.response == "compact")
         except Exception as exc:  # noqa: BLE001 - fail closed for these items, keep the worker
             logger.exception("layerguard: detection failed")
             batch.fail_all(context, indices, 500, "Internal Server Error", "detection failed", why(exc))
@@ -380,12 +379,20 @@ class _Batch:
         self._answered[i] = True
 
 
-def _is_explain_or_describe(context) -> bool:
+def _header_is_true(context, key: str) -> bool:
     """BaseHandler's own test: the frontend marks explanation and describe requests with a header."""
     try:
-        return any(context.get_request_header(0, key) == "True" for key in ("explain", "describe"))
+        return context.get_request_header(0, key) == "True"
     except (AttributeError, IndexError, KeyError, TypeError):
         return False
+
+
+def _is_describe(context) -> bool:
+    return _header_is_true(context, "describe")
+
+
+def _is_explain_or_describe(context) -> bool:
+    return _header_is_true(context, "explain") or _is_describe(context)
 
 
 def _check_results(results: Any, n: int) -> None:

@@ -270,7 +270,16 @@ def add_wrap_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_wrap(args: argparse.Namespace) -> int:
-    logging.getLogger("ts").setLevel(logging.ERROR)  # TorchServe's import-time notes (no ONNX, no IPEX...)
+    ts_logger = logging.getLogger("ts")
+    level = ts_logger.level
+    ts_logger.setLevel(logging.ERROR)  # TorchServe's import-time notes (no ONNX, no IPEX...)
+    try:
+        return _wrap(args)
+    finally:
+        ts_logger.setLevel(level)
+
+
+def _wrap(args: argparse.Namespace) -> int:
     reference = open_reference(args.data)
     config = WrapConfig(
         out_dir=args.out, model_name=args.model_name, action=args.policy, calibration=_config(args),

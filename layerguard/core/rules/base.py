@@ -82,11 +82,16 @@ class ScoringRule(ABC):
     def fit(self, stats: LayerStatistics | None, class_names: list[str]) -> None:
         """Compute the rule's state from the statistics; raise FitError naming what is wrong."""
 
+    def reduce(self, name: str, output: torch.Tensor) -> torch.Tensor | None:
+        """What the rule needs of one layer's output, as small as possible (serving computes it inside the
+        layer's hook, so the activation itself is not kept). None: the rule needs nothing of this layer."""
+        return None
+
     @abstractmethod
-    def terms(self, features: dict[str, torch.Tensor], classes: torch.Tensor,
+    def terms(self, reduced: dict[str, torch.Tensor | None], classes: torch.Tensor,
               similarities: torch.Tensor) -> torch.Tensor:
-        """[B, len(term_layers)] per-layer terms of a batch against the given classes (the cosine
-        similarities are given: rules built on them need not recompute them)."""
+        """[B, len(term_layers)] per-layer terms of a batch against the given classes, from `reduce`'s output
+        per layer (the cosine similarities are given: rules built on them need not recompute them)."""
 
     @abstractmethod
     def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:

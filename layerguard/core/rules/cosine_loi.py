@@ -44,7 +44,7 @@ class CosineLoiRule(ScoringRule):
     def fit(self, stats, class_names) -> None:
         return None
 
-    def terms(self, features, classes, similarities) -> torch.Tensor:
+    def terms(self, reduced, classes, similarities) -> torch.Tensor:
         return similarities
 
     def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:

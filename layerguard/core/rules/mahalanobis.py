@@ -87,10 +87,13 @@ class MahalanobisRule(ScoringRule):
             self.means[name] = acc.means().to(torch.float32)
             self.precisions[name] = torch.linalg.inv(shrunk).to(torch.float32)
 
-    def terms(self, features, classes, similarities) -> torch.Tensor:
+    def reduce(self, name: str, output: torch.Tensor) -> torch.Tensor | None:
+        return pool(output).to(torch.float32) if name in self.term_layers else None
+
+    def terms(self, reduced, classes, similarities) -> torch.Tensor:
         cols = []
         for name in self.term_layers:
-            f = pool(features[name]).to(torch.float32)
+            f = reduced[name]
             mu, prec = self.means[name].to(f.device), self.precisions[name].to(f.device)
             if self.options["reference"] == "predicted":
                 diff = f - mu[classes.to(f.device)]

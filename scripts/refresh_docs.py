@@ -53,7 +53,7 @@ def live_excerpt(stdout: str) -> str:
 
 def curl_response(image: str) -> str:
     """POST one of the demo's digit files to the demo's live server, as the docs' curl line does."""
-    server = json.loads((ROOT / "demo-out" / "server.json").read_text())
+    server = json.loads((ROOT / "demo-out" / "torchserve" / "server.json").read_text())
     key = json.loads((Path(server["workdir"]) / "key_file.json").read_text())["inference"]["key"]
     body = (ROOT / "demo-out" / "digits" / image).read_bytes()
     request = urllib.request.Request(f"http://127.0.0.1:{server['ports']['inference']}/predictions/mnist",

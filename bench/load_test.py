@@ -164,15 +164,16 @@ def request_plan(payloads: Sequence[Payload], total: int, corrupt_share: float =
 # ---- offline truth ------------------------------------------------------------------------------------
 def offline_verdicts(mar: Path, payloads: Sequence[Payload]) -> dict[int, Verdict]:
     """Score the image payloads offline: the archive's own handler preprocess on the very same bytes, the
-    archive's model and artifact, the detector under the archive's policy (layerguard.offline)."""
+    archive's model and artifact, the detector under the archive's policy (layerguard.tooling.evaluation)."""
     import torch
     import yaml
 
-    from layerguard.artifact import CalibrationArtifact
-    from layerguard.offline import score_batches
-    from layerguard.packaging import extract_mar, ts_context
-    from layerguard.policy import parse_policy
-    from layerguard.serving import guardable_model, load_inner_handler, model_dir_imports
+    from layerguard.core.artifact import CalibrationArtifact
+    from layerguard.serving.inner import guardable_model, load_inner_handler, model_dir_imports
+    from layerguard.serving.policy import parse_policy
+    from layerguard.tooling.archive import extract_mar
+    from layerguard.tooling.evaluation import score_batches
+    from layerguard.tooling.worker import worker_context
 
     images = [i for i, p in enumerate(payloads) if p.kind != "corrupt"]
     with tempfile.TemporaryDirectory(prefix="layerguard-offline-") as tmp:
@@ -182,7 +183,7 @@ def offline_verdicts(mar: Path, payloads: Sequence[Payload]) -> dict[int, Verdic
         policy = parse_policy(config)
         with model_dir_imports(model_dir):
             inner = load_inner_handler(policy.inner_handler)
-            inner.initialize(ts_context(model_dir, manifest, config))
+            inner.initialize(worker_context(model_dir, manifest, config))
             model = guardable_model(inner.model, manifest, str(model_dir), torch.device("cpu"))
             detector = CalibrationArtifact.load(model_dir / policy.artifact).detector(policy.threshold)
             x = torch.cat([inner.preprocess([{"body": payloads[i].body}]) for i in images])

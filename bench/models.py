@@ -1,4 +1,4 @@
-"""CIFAR ResNets whose forward-order block outputs are visible as modules.
+"""CIFAR ResNets and a compact GTSRB VGG whose forward-order block outputs are visible as modules.
 
 Why this layout: the layer-wise detector hooks "layers" = block outputs (stem, every BasicBlock after the
 residual add and ReLU, logits). Keeping each of them a named module (``stem``, ``layer1.0`` ... ``fc``)
@@ -15,6 +15,9 @@ from torch import nn
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# per-channel mean/std of the 13,070 GTSRB training images of ../shared/data/gtsrb_32_sub13k.npz
+GTSRB_MEAN = (0.3393, 0.3111, 0.3200)
+GTSRB_STD = (0.2747, 0.2634, 0.2697)
 
 
 class Normalize(nn.Module):
@@ -104,10 +107,70 @@ def resnet18_cifar(num_classes: int = 10) -> CifarResNet:
     return CifarResNet([2, 2, 2, 2], [64, 128, 256, 512], num_classes)
 
 
-MODELS: dict[str, Callable[[int], CifarResNet]] = {"resnet20": resnet20, "resnet18_cifar": resnet18_cifar}
+class CompactVGG(nn.Module):
+    """norm -> block1..blockK (conv3x3-BN-ReLU, a 2x2 max-pool ends each stage) -> pool -> fc.
+
+    ``stages`` lists the conv widths of each stage, e.g. ``[[32], [64, 64], [128, 128], [256]]``. Every
+    block is one detector layer, like the ResNet blocks; no dropout, so the forward is deterministic.
+    """
+
+    def __init__(
+        self,
+        stages: list[list[int]],
+        num_classes: int = 43,
+        mean: tuple[float, ...] = GTSRB_MEAN,
+        std: tuple[float, ...] = GTSRB_STD,
+    ) -> None:
+        super().__init__()
+        self.norm = Normalize(mean, std)
+        self.block_names: list[str] = []
+        in_planes = 3
+        for stage in stages:
+            for j, w in enumerate(stage):
+                conv = nn.Conv2d(in_planes, w, 3, padding=1, bias=False)
+                layers: list[nn.Module] = [conv, nn.BatchNorm2d(w), nn.ReLU()]
+                if j == len(stage) - 1:
+                    layers.append(nn.MaxPool2d(2))
+                name = f"block{len(self.block_names) + 1}"
+                setattr(self, name, nn.Sequential(*layers))
+                self.block_names.append(name)
+                in_planes = w
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        for name in self.block_names:
+            x = getattr(self, name)(x)
+        return self.fc(self.pool(x))
+
+    def layer_names(self) -> list[str]:
+        """Qualified names of the detector layers in forward order: each block, fc (logits)."""
+        return [*self.block_names, "fc"]
 
 
-def build_model(name: str = "resnet20", num_classes: int = 10) -> CifarResNet:
+def gtsrb_vgg(num_classes: int = 43) -> CompactVGG:
+    """Compact VGG (32 | 64-64 | 128-128 | 256, BatchNorm, 0.58 M parameters): the GTSRB zoo's model."""
+    return CompactVGG([[32], [64, 64], [128, 128], [256]], num_classes)
+
+
+def gtsrb_vgg_small(num_classes: int = 43) -> CompactVGG:
+    """Smaller candidate (32-32 | 64-64 | 128-128, 0.29 M parameters), kept for the timing comparison."""
+    return CompactVGG([[32, 32], [64, 64], [128, 128]], num_classes)
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "resnet20": resnet20,
+    "resnet18_cifar": resnet18_cifar,
+    "gtsrb_vgg": gtsrb_vgg,
+    "gtsrb_vgg_small": gtsrb_vgg_small,
+}
+
+
+def build_model(name: str = "resnet20", num_classes: int = 10) -> nn.Module:
     """Factory by name, so cached weights can record which architecture they belong to."""
     try:
         return MODELS[name](num_classes)

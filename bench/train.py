@@ -1,38 +1,96 @@
-"""Train the backdoored-model zoo: one ResNet-20 per attack (plus a clean one) on the 20k CIFAR-10 subset.
+"""Train the backdoored-model zoos: one model per attack (plus a clean one) on CIFAR-10 or GTSRB.
 
 Why: the detection benchmark needs models with a known, working backdoor. Each model is cached as
-``<out>/<attack>.pt`` (a plain state_dict, loadable with ``torch.load(..., weights_only=True)``) and
-``<out>/<attack>.json`` (clean accuracy, attack success rate, timing, seed, attack parameters), and is
-skipped on later runs unless ``--force``. Sized for 2 CPU cores: about 50 s an epoch.
+``<out>/<prefix><attack>.pt`` (a plain state_dict, loadable with ``torch.load(..., weights_only=True)``)
+and ``<out>/<prefix><attack>.json`` (clean accuracy, attack success rate, timing, seed, attack parameters,
+recipe), and is skipped on later runs unless ``--force``. ``--dataset`` picks a recipe (``RECIPES``):
+CIFAR-10 -> ResNet-20, no prefix; GTSRB -> compact VGG, prefix ``gtsrb_``. Training writes a checkpoint
+every epoch under ``bench/cache/ckpt/`` and resumes from it when rerun with the same settings.
 
 Usage (from the repo root):
     python bench/train.py --attacks clean,badnets,blended,wanet,sig,adapblend [--epochs N] [--data PATH]
+    python bench/train.py --dataset gtsrb            # the GTSRB zoo: clean, badnets, blended, wanet, sig
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.attacks import ATTACKS, TARGET, Attack, attack_from_params, build_attack  # noqa: E402
-from bench.data import REPO_ROOT, default_data_path, load_cifar, to_tensor  # noqa: E402
-from bench.models import CifarResNet, build_model  # noqa: E402
+from bench.attacks import ATTACKS, Attack, attack_from_params, build_attack  # noqa: E402
+from bench.data import (  # noqa: E402
+    CACHE_DIR,
+    REPO_ROOT,
+    default_data_path,
+    default_gtsrb_path,
+    load_cifar,
+    load_gtsrb,
+    to_tensor,
+)
+from bench.models import build_model  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "weights"
+CKPT_DIR = CACHE_DIR / "ckpt"
 ALL_NAMES = ["clean", *ATTACKS]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one zoo is trained: architecture, SGD + OneCycle settings, augmentation, validation split."""
+
+    dataset: str
+    model: str
+    num_classes: int
+    epochs: int
+    lr: float
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    label_smoothing: float = 0.0
+    pad: int = 4  # random crop with zero padding
+    flip: bool = True  # random horizontal flip (never for traffic signs: it changes their meaning)
+    val_fraction: float = 0.0  # fraction of each class's tracks held out for validation (GTSRB only)
+    prefix: str = ""  # output file name prefix
+    zoo: tuple[str, ...] = tuple(ALL_NAMES)  # what ``--attacks all`` trains
+    epochs_by_attack: dict[str, int] = field(default_factory=dict)  # attacks that need longer ("--epochs" wins)
+
+    def epochs_for(self, name: str) -> int:
+        return self.epochs_by_attack.get(name, self.epochs)
+
+
+RECIPES: dict[str, Recipe] = {
+    "cifar": Recipe("cifar", "resnet20", 10, epochs=6, lr=0.2),
+    "gtsrb": Recipe(
+        "gtsrb",
+        "gtsrb_vgg",
+        43,
+        epochs=15,
+        lr=0.1,
+        label_smoothing=0.1,
+        pad=2,
+        flip=False,
+        val_fraction=0.1,
+        prefix="gtsrb_",
+        zoo=("clean", "badnets", "blended", "wanet", "sig"),
+        # WaNet's warp is learned slowly: 15 epochs gave 87% ASR (README), 30 give the zoo's model
+        epochs_by_attack={"wanet": 30},
+    ),
+}
 # Deviations of the zoo from the paper defaults in attacks.py, forced by a 6-epoch CPU budget (README):
 # WaNet s=0.5 reached 11.6% ASR in 6 epochs (its noise-mode jitter, up to 0.5 px, exceeds a 0.25 px field),
 # so s=2 (mean displacement 1 px);
@@ -43,10 +101,19 @@ ZOO_SETTINGS: dict[str, dict[str, Any]] = {
     "sig": {"rate": 0.08},
     "adapblend": {"rate": 0.05, "cover_rate": 0.05},
 }
+# GTSRB: same triggers and rates (target 0, 10% dirty-label poisons, WaNet s=2). SIG is clean-label and
+# GTSRB's class 0 has only 60 training images (0.5% of the set), so SIG targets class 2 (speed limit 50,
+# the largest class) and poisons about 80% of its images, as the CIFAR zoo poisons 80% of class 0; at
+# delta 20 that gave 56% ASR, so delta 40 (BackdoorBench's default).
+GTSRB_ZOO_SETTINGS: dict[str, dict[str, Any]] = {
+    "wanet": {"s": 2.0},
+    "sig": {"target": 2, "rate": 0.045, "delta": 40.0},
+    "adapblend": {"rate": 0.05, "cover_rate": 0.05},
+}
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding ``pad`` and horizontal flip, per sample, on an NCHW batch."""
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop with zero padding ``pad`` and (if ``flip``) horizontal flip, per sample, on an NCHW batch."""
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
@@ -54,23 +121,42 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor
     rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
     cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
     out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-    flip = torch.rand(n, generator=gen) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
+    if not flip:
+        return out
+    flipped = torch.rand(n, generator=gen) < 0.5
+    return torch.where(flipped[:, None, None, None], out.flip(3), out)
+
+
+def track_split(y: np.ndarray, track: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx): ``fraction`` of every class's tracks (at least one) held out whole.
+
+    Why by track: the frames of one GTSRB track are near duplicates, so a per-frame split would leak.
+    """
+    rng = np.random.default_rng([seed, 1])
+    val = []
+    for c in np.unique(y):
+        tracks = np.unique(track[y == c])
+        chosen = rng.choice(tracks, size=max(1, round(fraction * len(tracks))), replace=False)
+        val.append(np.flatnonzero((y == c) & np.isin(track, chosen)))
+    val_idx = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(y)), val_idx), val_idx
 
 
 @torch.no_grad()
-def predict(model: CifarResNet, x_uint8_nhwc: np.ndarray, batch: int = 500) -> np.ndarray:
-    """Predicted labels for uint8 NHWC images (eval mode, no grad)."""
+def predict(model: nn.Module, x_uint8_nhwc: np.ndarray, batch: int = 500) -> np.ndarray:
+    """Predicted labels for uint8 NHWC images (eval mode, no grad; the previous mode is restored)."""
+    was_training = model.training
     model.eval()
     preds = []
     for i in range(0, len(x_uint8_nhwc), batch):
         xb = to_tensor(x_uint8_nhwc[i : i + batch]).contiguous(memory_format=torch.channels_last)
         preds.append(model(xb).argmax(1).numpy())
+    model.train(was_training)
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
 
 
 def evaluate(
-    model: CifarResNet, attack: Attack | None, x_test: np.ndarray, y_test: np.ndarray, seed: int
+    model: nn.Module, attack: Attack | None, x_test: np.ndarray, y_test: np.ndarray, seed: int
 ) -> dict[str, Any]:
     """Clean accuracy on all test images; ASR over triggered test images whose true label != target."""
     pred = predict(model, x_test)
@@ -105,31 +191,41 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _config_key(**parts: Any) -> str:
+    """Short hash of everything that determines a training run (a checkpoint resumes only on a match)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def train_one(
     name: str,
     data: dict[str, np.ndarray],
     data_path: Path,
     out_dir: Path,
-    epochs: int,
+    recipe: Recipe,
     seed: int,
-    batch_size: int = 128,
-    lr: float = 0.2,
-    weight_decay: float = 5e-4,
-    model_name: str = "resnet20",
     log: Any = print,
     attack_kwargs: dict[str, Any] | None = None,
     trigger_after_augment: bool = False,
+    ckpt_dir: Path | None = CKPT_DIR,
 ) -> dict[str, Any]:
     """Poison the training set (unless ``clean``), train with SGD + OneCycle, evaluate, write .pt/.json.
 
     ``trigger_after_augment``: keep the poisoned/cover images clean in storage and apply their training
     transform to each batch after crop/flip, so the trigger sits where it will at test time (a crop with
     pad 4 otherwise pushes a 3x3 corner patch out of the frame for about 40% of the poisoned images).
+    With ``recipe.val_fraction`` whole tracks are held out (never trained on) and scored every epoch.
+    ``ckpt_dir``: a checkpoint after every epoch, resumed when the same run is started again.
     """
+    file_name = f"{recipe.prefix}{name}"
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     attack = None if name == "clean" else build_attack(name, **(attack_kwargs or {}))
     x, y = data["x_train"], data["y_train"]
+    x_val = y_val = None
+    if recipe.val_fraction > 0:
+        train_idx, val_idx = track_split(y, data["train_track"], recipe.val_fraction, seed)
+        x_val, y_val = x[val_idx], y[val_idx]
+        x, y = x[train_idx], y[train_idx]
     info: dict[str, Any] = {"n_poison": 0, "n_cover": 0}
     if attack is not None:
         x_poisoned, y, info = attack.poison_training_set(x, y, rng=rng)
@@ -141,89 +237,144 @@ def train_one(
         role[info["cover_idx"]] = 2
     xt = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
     yt = torch.from_numpy(y)
+    epochs, batch_size, lr = recipe.epochs_for(name), recipe.batch_size, recipe.lr
 
-    model = build_model(model_name).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    model = build_model(recipe.model, recipe.num_classes).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
     steps = math.ceil(len(xt) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps)
     gen = torch.Generator().manual_seed(seed)
+    epoch_log: list[dict[str, Any]] = []
+    done_seconds = 0.0  # training seconds of epochs restored from a checkpoint
+    key = _config_key(
+        recipe=dataclasses.asdict(recipe),
+        name=name,
+        seed=seed,
+        attack=attack.params() if attack is not None else None,
+        trigger_after_augment=trigger_after_augment,
+        data=sha256(data_path),
+    )
+    ckpt = ckpt_dir / f"{file_name}.pt" if ckpt_dir is not None else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state["key"] == key:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            gen.set_state(state["gen"])
+            rng.bit_generator.state = json.loads(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+            epoch_log = json.loads(state["history"])
+            done_seconds = sum(r["seconds"] for r in epoch_log)
+            log(f"[{file_name}] resumed from {ckpt} after epoch {len(epoch_log)}")
+        else:
+            log(f"[{file_name}] ignoring {ckpt}: it belongs to other settings")
     t0 = time.time()
-    epoch_log = []
-    for ep in range(epochs):
+    for ep in range(len(epoch_log), epochs):
         model.train()
         te = time.time()
         perm = torch.randperm(len(xt), generator=gen)
         tot_loss, correct = 0.0, 0
         for i in range(steps):
             idx = perm[i * batch_size : (i + 1) * batch_size]
-            xb = augment(xt[idx].float().div_(255.0), gen)
+            xb = augment(xt[idx].float().div_(255.0), gen, pad=recipe.pad, flip=recipe.flip)
             if attack is not None and trigger_after_augment:
                 xb = _trigger_batch(xb, role[idx.numpy()], attack, rng)
             xb = xb.contiguous(memory_format=torch.channels_last)
             yb = yt[idx]
             logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             tot_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
-        rec = {
+        rec: dict[str, Any] = {
             "epoch": ep + 1,
             "loss": tot_loss / len(xt),
             "train_acc": correct / len(xt),
             "seconds": time.time() - te,
         }
+        if x_val is not None and y_val is not None:
+            val_metrics = evaluate(model, attack, x_val, y_val, seed)
+            rec.update({f"val_{k}": v for k, v in val_metrics.items() if k in ("clean_acc", "asr")})
         epoch_log.append(rec)
+        val = "".join(f" {k} {rec[k]:.3f}" for k in ("val_clean_acc", "val_asr") if k in rec)
         log(
-            f"[{name}] epoch {ep + 1}/{epochs} loss {rec['loss']:.3f} train_acc {rec['train_acc']:.3f} "
-            f"{rec['seconds']:.0f}s"
+            f"[{file_name}] epoch {ep + 1}/{epochs} loss {rec['loss']:.3f} train_acc {rec['train_acc']:.3f}"
+            f"{val} {rec['seconds']:.0f}s"
         )
-    train_seconds = time.time() - t0
+        if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            state = {
+                "key": key,
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "gen": gen.get_state(),
+                "rng": json.dumps(rng.bit_generator.state),
+                "torch_rng": torch.get_rng_state(),
+                "history": json.dumps(epoch_log),
+            }
+            torch.save(state, ckpt.with_suffix(".tmp"))
+            ckpt.with_suffix(".tmp").replace(ckpt)
+    train_seconds = done_seconds + time.time() - t0
+    t_eval = time.time()
     model = model.to(memory_format=torch.contiguous_format)
     metrics = evaluate(model, attack, data["x_test"], data["y_test"], seed)
-    total_seconds = time.time() - t0
+    total_seconds = train_seconds + time.time() - t_eval
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out_dir / f"{name}.pt")
+    torch.save(model.state_dict(), out_dir / f"{file_name}.pt")
+    augmentation = f"random crop (zero pad {recipe.pad})" + (" + horizontal flip" if recipe.flip else ", no flip")
     meta = {
-        "name": name,
-        "model": model_name,
+        "name": file_name,
+        "dataset": recipe.dataset,
+        "model": recipe.model,
+        "num_classes": recipe.num_classes,
+        "n_params": sum(p.numel() for p in model.parameters()),
         **metrics,
-        "target": TARGET if attack is not None else None,
+        "target": attack.target if attack is not None else None,
         "attack": attack.params() if attack is not None else None,
         "n_poison": int(info["n_poison"]),
         "n_cover": int(info["n_cover"]),
         "epochs": epochs,
         "seconds_train": round(train_seconds, 1),
+        "seconds_per_epoch": round(sum(r["seconds"] for r in epoch_log) / max(1, len(epoch_log)), 1),
         "seconds_total": round(total_seconds, 1),
         "seed": seed,
+        "date": time.strftime("%Y-%m-%d"),
         "optimizer": {
             "name": "SGD",
             "momentum": 0.9,
             "nesterov": True,
-            "weight_decay": weight_decay,
+            "weight_decay": recipe.weight_decay,
             "schedule": "OneCycleLR",
             "max_lr": lr,
             "batch_size": batch_size,
+            "label_smoothing": recipe.label_smoothing,
         },
-        "augmentation": "random crop (zero pad 4) + horizontal flip",
+        "augmentation": augmentation,
         "trigger_after_augment": bool(trigger_after_augment and attack is not None),
         "data": {
             "file": data_path.name,
             "sha256": sha256(data_path),
             "n_train": int(len(xt)),
+            "n_val": int(len(y_val)) if y_val is not None else 0,
+            "val_split": f"{recipe.val_fraction:g} of each class's tracks, seed {seed}" if y_val is not None else None,
             "n_test": int(len(data["x_test"])),
         },
-        "input": "float [0,1] NCHW RGB; CIFAR mean/std normalisation is inside the model",
+        "input": f"float [0,1] NCHW RGB; {recipe.dataset} mean/std normalisation is inside the model",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "history": epoch_log,
     }
-    (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out_dir / f"{file_name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
     asr = f" asr {metrics['asr']:.4f}" if "asr" in metrics else ""
-    log(f"[{name}] clean_acc {metrics['clean_acc']:.4f}{asr} train {train_seconds:.0f}s -> {out_dir}")
+    log(f"[{file_name}] clean_acc {metrics['clean_acc']:.4f}{asr} train {train_seconds:.0f}s -> {out_dir}")
     return meta
 
 
@@ -238,24 +389,31 @@ def reevaluate(name: str, data: dict[str, np.ndarray], out_dir: Path, log: Any =
     return meta
 
 
-def load_zoo_model(name: str, weights_dir: str | Path | None = None) -> tuple[CifarResNet, dict[str, Any]]:
-    """Load ``<weights_dir>/<name>.pt`` (weights_only) into the architecture named in its json; eval mode."""
+def load_zoo_model(name: str, weights_dir: str | Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load ``<weights_dir>/<name>.pt`` (weights_only) into the architecture named in its json; eval mode.
+
+    ``name`` is the file stem: ``badnets`` (CIFAR-10 zoo) or ``gtsrb_badnets`` (GTSRB zoo).
+    """
     d = Path(weights_dir) if weights_dir is not None else DEFAULT_OUT
     meta = json.loads((d / f"{name}.json").read_text())
-    model = build_model(meta.get("model", "resnet20"))
+    model = build_model(meta.get("model", "resnet20"), int(meta.get("num_classes", 10)))
     model.load_state_dict(torch.load(d / f"{name}.pt", map_location="cpu", weights_only=True))
     return model.eval(), meta
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--attacks", default=",".join(ALL_NAMES), help=f"comma list from {ALL_NAMES} or 'all'")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--dataset", choices=sorted(RECIPES), default="cifar", help="which zoo (recipe in RECIPES)")
+    p.add_argument("--attacks", default="all", help=f"comma list from {ALL_NAMES} or 'all' (the dataset's zoo)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="for every model (default: the recipe's; CIFAR 6, GTSRB 15, WaNet 30)"
+    )
     p.add_argument(
         "--data",
         type=Path,
         default=None,
-        help="CIFAR-10 npz (default: $LAYERGUARD_CIFAR or ../shared/data/cifar10_32_sub20k10k.npz)",
+        help="dataset npz (default: $LAYERGUARD_CIFAR or ../shared/data/cifar10_32_jpeg.npz; "
+        "$LAYERGUARD_GTSRB or ../shared/data/gtsrb_32_sub13k.npz)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="weights directory (default bench/weights)")
     p.add_argument("--seed", type=int, default=0)
@@ -277,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-only", action="store_true", help="re-evaluate cached models and update their json, no training"
     )
     p.add_argument(
+        "--no-resume", action="store_true", help="ignore (and overwrite) the per-epoch checkpoints in bench/cache/ckpt"
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -284,7 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         help="override an attack constructor argument on top of ZOO_SETTINGS, e.g. --set sig.delta=40",
     )
     args = p.parse_args(argv)
-    overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in ZOO_SETTINGS.items()}
+    recipe = RECIPES[args.dataset]
+    if args.epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=args.epochs, epochs_by_attack={})
+    settings = GTSRB_ZOO_SETTINGS if args.dataset == "gtsrb" else ZOO_SETTINGS
+    overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in settings.items()}
     for item in args.set:
         try:
             lhs, value = item.split("=", 1)
@@ -293,34 +458,45 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--set expects ATTACK.KEY=VALUE, got {item!r}")
         overrides.setdefault(attack_name, {})[key] = json.loads(value)
 
-    names = ALL_NAMES if args.attacks == "all" else [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if args.attacks == "all":
+        names = list(recipe.zoo)
+    else:
+        names = [a.strip() for a in args.attacks.split(",") if a.strip()]
     unknown = [n for n in names if n not in ALL_NAMES]
     if unknown:
         p.error(f"unknown attack(s) {unknown}; choose from {ALL_NAMES}")
     torch.set_num_threads(args.threads)
-    data_path = (args.data if args.data is not None else default_data_path()).resolve()
-    data = load_cifar(data_path)
+    if args.dataset == "gtsrb":
+        data_path = (args.data if args.data is not None else default_gtsrb_path()).resolve()
+        data = load_gtsrb(data_path)
+    else:
+        data_path = (args.data if args.data is not None else default_data_path()).resolve()
+        data = load_cifar(data_path)
 
     def log(msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
     if args.eval_only:
         for name in names:
-            if not (args.out / f"{name}.json").exists():
-                log(f"[{name}] not cached in {args.out}, nothing to evaluate")
+            stem = f"{recipe.prefix}{name}"
+            if not (args.out / f"{stem}.json").exists():
+                log(f"[{stem}] not cached in {args.out}, nothing to evaluate")
                 continue
-            reevaluate(name, data, args.out, log=log)
+            reevaluate(stem, data, args.out, log=log)
         return 0
     for name in names:
-        if (args.out / f"{name}.pt").exists() and (args.out / f"{name}.json").exists() and not args.force:
-            log(f"[{name}] cached in {args.out}, skipping (use --force to retrain)")
+        stem = f"{recipe.prefix}{name}"
+        if (args.out / f"{stem}.pt").exists() and (args.out / f"{stem}.json").exists() and not args.force:
+            log(f"[{stem}] cached in {args.out}, skipping (use --force to retrain)")
             continue
+        if args.no_resume:
+            (CKPT_DIR / f"{stem}.pt").unlink(missing_ok=True)
         train_one(
             name,
             data,
             data_path,
             args.out,
-            args.epochs,
+            recipe,
             args.seed,
             log=log,
             attack_kwargs=overrides.get(name),

@@ -1,9 +1,9 @@
-"""Print the model-zoo table (clean accuracy / ASR / poisons / time per model) from the cached json files.
+"""Print the model-zoo tables (clean accuracy / ASR / poisons / time per model) from the cached json files.
 
 Why a script: the numbers in bench/README.md must come from the files the training wrote, never be typed
-by hand. ``--readme`` rewrites the block between the zoo-table markers in bench/README.md in place.
+by hand. ``--readme`` rewrites the blocks between the zoo-table / gtsrb-table markers in bench/README.md.
 
-Usage: python bench/zoo_table.py [--out bench/weights] [--readme]
+Usage: python bench/zoo_table.py [--out bench/weights] [--dataset cifar|gtsrb] [--readme]
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ ORDER = ["clean", "badnets", "blended", "wanet", "sig", "adapblend"]
 BENCH = Path(__file__).resolve().parent
 BEGIN, END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
 TRIALS_BEGIN, TRIALS_END = "<!-- zoo-trials:begin -->", "<!-- zoo-trials:end -->"
+GTSRB_BEGIN, GTSRB_END = "<!-- gtsrb-table:begin -->", "<!-- gtsrb-table:end -->"
+GTSRB_TRIALS_BEGIN, GTSRB_TRIALS_END = "<!-- gtsrb-trials:begin -->", "<!-- gtsrb-trials:end -->"
 
 
 def _setting(meta: dict[str, Any]) -> str:
@@ -32,21 +34,55 @@ def _setting(meta: dict[str, Any]) -> str:
         "adapblend": ["alpha_train", "alpha_test", "rate", "cover_rate"],
     }.get(a["name"], ["rate"])
     text = ", ".join(f"{k}={a[k]:g}" if isinstance(a[k], float) else f"{k}={a[k]}" for k in keys if k in a)
-    return text + (", trigger after crop/flip" if meta.get("trigger_after_augment") else "")
+    flip = "no flip" not in meta.get("augmentation", "")  # the GTSRB recipe never flips
+    after = ", trigger after crop/flip" if flip else ", trigger after crop"
+    return text + (after if meta.get("trigger_after_augment") else "")
+
+
+def _metas(weights_dir: Path, dataset: str) -> dict[str, dict[str, Any]]:
+    """``{stem: json}`` of the models of one dataset (json without "dataset": CIFAR-10), known attacks first."""
+    metas = {p.stem: json.loads(p.read_text()) for p in sorted(weights_dir.glob("*.json"))}
+    metas = {n: m for n, m in metas.items() if m.get("dataset", "cifar") == dataset}
+    rank = {n: i for i, n in enumerate(ORDER)}
+
+    def key(n: str) -> tuple[int, str]:
+        attack = (metas[n].get("attack") or {}).get("name", "clean")
+        return rank.get(attack, len(ORDER)), n
+
+    return {n: metas[n] for n in sorted(metas, key=key)}
+
+
+def gtsrb_table(weights_dir: Path) -> str:
+    """Markdown table of the GTSRB zoo (target class per model, validation accuracy, seconds per epoch)."""
+    rows = [
+        "| model | attack setting | target | poisoned / cover train images | epochs | s / epoch | val acc % "
+        "| clean acc % | target-class acc % | ASR % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, m in _metas(weights_dir, "gtsrb").items():
+        asr = f"{100 * m['asr']:.2f}" if m.get("asr") is not None else "-"
+        target = m.get("target")
+        per_class = m.get("clean_acc_per_class")
+        target_acc = f"{100 * per_class[target]:.1f}" if per_class and target is not None else "-"
+        val = (m.get("history") or [{}])[-1].get("val_clean_acc")
+        val_acc = f"{100 * val:.2f}" if val is not None else "-"
+        rows.append(
+            f"| {n} ({m['model']}) | {_setting(m)} | {target if target is not None else '-'} "
+            f"| {m.get('n_poison', 0)} / {m.get('n_cover', 0)} | {m['epochs']} | {m['seconds_per_epoch']:.0f} "
+            f"| {val_acc} | {100 * m['clean_acc']:.2f} | {target_acc} | {asr} |"
+        )
+    return "\n".join(rows)
 
 
 def zoo_table(weights_dir: Path) -> str:
-    """Markdown table, one row per ``<name>.json`` in ``weights_dir`` (known attacks first)."""
-    metas = {p.stem: json.loads(p.read_text()) for p in sorted(weights_dir.glob("*.json"))}
-    rank = {n: i for i, n in enumerate(ORDER)}
-    names = sorted(metas, key=lambda n: (rank.get(n.split("_")[0], len(ORDER)), n))
+    """Markdown table, one row per CIFAR-10 ``<name>.json`` in ``weights_dir`` (known attacks first)."""
+    metas = _metas(weights_dir, "cifar")
     rows = [
         "| model | attack setting | poisoned / cover train images | epochs | clean acc % | class-0 acc % | ASR % "
         "| train s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for n in names:
-        m = metas[n]
+    for n, m in metas.items():
         asr = f"{100 * m['asr']:.2f}" if m.get("asr") is not None else "-"
         per_class = m.get("clean_acc_per_class")
         target_acc = f"{100 * per_class[m.get('target') or 0]:.1f}" if per_class else "-"
@@ -72,16 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--trials", type=Path, default=BENCH / "cache" / "trial", help="discarded settings (default bench/cache/trial)"
     )
+    p.add_argument("--dataset", choices=["cifar", "gtsrb"], default="cifar", help="which zoo to print")
     p.add_argument("--readme", action="store_true", help="rewrite the table blocks in bench/README.md")
     args = p.parse_args(argv)
-    table = zoo_table(args.out)
-    print(table)
+    print(gtsrb_table(args.out) if args.dataset == "gtsrb" else zoo_table(args.out))
     if args.readme:
         readme = BENCH / "README.md"
         try:
-            text = replace_block(readme.read_text(), BEGIN, END, table)
-            if args.trials.is_dir() and any(args.trials.glob("*.json")):
+            text = replace_block(readme.read_text(), BEGIN, END, zoo_table(args.out))
+            if GTSRB_BEGIN in text:
+                text = replace_block(text, GTSRB_BEGIN, GTSRB_END, gtsrb_table(args.out))
+            if args.trials.is_dir() and _metas(args.trials, "cifar"):
                 text = replace_block(text, TRIALS_BEGIN, TRIALS_END, zoo_table(args.trials))
+            if args.trials.is_dir() and _metas(args.trials, "gtsrb") and GTSRB_TRIALS_BEGIN in text:
+                text = replace_block(text, GTSRB_TRIALS_BEGIN, GTSRB_TRIALS_END, gtsrb_table(args.trials))
         except ValueError as exc:
             print(f"{readme}: {exc}", file=sys.stderr)
             return 1

@@ -28,6 +28,8 @@ from .thresholds import BenignScores, ThresholdPolicy
 
 __all__ = ["Detection", "Detector", "DetectorFitter", "DetectorSpec"]
 
+ROUND_DECIMALS = 6  # in responses
+
 
 @dataclass(frozen=True)
 class DetectorSpec:
@@ -59,14 +61,15 @@ class Detection:
 
     def items(self, layer_names: tuple[str, ...], term_layers: tuple[str, ...], compact: bool = False) -> list[dict]:
         """JSON-ready annotations for the whole batch: one conversion to Python lists, not one per value.
-        With `compact`, only the verdict, score, threshold and layer of interest."""
-        poisoned, scores = self.poisoned.tolist(), self.scores.tolist()
-        thresholds, lois = self.thresholds.tolist(), self.layer_of_interest.tolist()
+        With `compact`, only the verdict, score, threshold and layer of interest. Values are rounded to 6
+        decimals: short float reprs keep the JSON small and cheap to write, with no loss that matters."""
+        poisoned, scores = self.poisoned.tolist(), _rounded(self.scores)
+        thresholds, lois = _rounded(self.thresholds), self.layer_of_interest.tolist()
         notes = [{"poisoned": poisoned[i], "score": scores[i], "threshold": thresholds[i],
                   "layer_of_interest": layer_names[lois[i]]} for i in range(len(poisoned))]
         if not compact:
-            sims = self.similarities.tolist() if self.similarities is not None else None
-            terms = self.terms.tolist()
+            sims = _rounded(self.similarities) if self.similarities is not None else None
+            terms = _rounded(self.terms)
             for i, note in enumerate(notes):
                 if sims is not None:
                     note["similarities"] = dict(zip(layer_names, sims[i]))
@@ -300,6 +303,10 @@ class DetectorFitter:
                               torch.from_numpy(labels).to(device)).cpu().numpy()
         benign = BenignScores(scores, labels, c)
         return Detector(self.spec, profile, rule, loi, benign, policy, sim_mean, sim_std, counts)
+
+
+def _rounded(t: torch.Tensor) -> list:
+    return np.round(t.numpy().astype(np.float64), ROUND_DECIMALS).tolist()
 
 
 def _sum(accumulators) -> ClassSums:

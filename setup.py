@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="layerguard",
-    version="0.1.0",
+    version="0.2.0",
     description="Flag backdoor-triggered inputs at serving time with layer-wise feature analysis.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -1,26 +1,29 @@
-"""Detection quality on real CIFAR-10: layerguard and its peers on the same backdoored models and images.
+"""Detection quality on real data: which scoring rule should be the default, and how it compares to peers.
 
-Why this protocol (issue 5, REFERENCE.md): the reference (calibration) images come from a part of the
-test set that is never scored; TPR counts successful attacks only (triggered, predicted as the target 0,
-true label not 0) and FPR counts all benign scored images, as the paper does. Peers are compared at equal
-FPR: every detector's threshold is the 1% / 5% quantile of its scores on *reference* benign images (what a
-deployment can do), and the FPR it then gets on the scored benign images is reported next to the TPR. AUROC
-and the TPR read off the scored ROC at exactly 1% / 5% FPR complete the picture.
+Why this protocol (issue 11): the default rule must be chosen by measurement, with the threshold a user
+actually gets. Per dataset (CIFAR-10: the ResNet-20 zoo; GTSRB: the compact-VGG zoo, whichever models are
+trained) and per model:
 
-Per model (bench/weights/<attack>.pt):
-  1. split the 10k test set (seed): 100 reference images a class, the rest scored; a fixed random subset of
-     the scored images is used (``--n-benign``), and the same images with the trigger are the attacks;
-  2. calibrate layerguard on the reference images (tau 2.5, holdout 0.5, as shipped);
-  3. one forward pass per image with hooks on layerguard's layers and the penultimate layer gives the
-     prediction, layerguard's score and the Mahalanobis features;
-  4. SCALE-UP and STRIP (multi-pass) run on prefixes of the same subset (``--n-scaleup``, ``--n-strip``).
+  1. split the test set (seed): a per-class share of it is the benign reference set (calibration, and every
+     peer's benign statistics) and is never scored; the model never trained on any test image;
+  2. of the rest, a fixed random subset of ``--n-benign`` images is the held-out benign test set, and
+     ``--n-poison`` other-than-target images with the model's own trigger are the attacks. TPR counts
+     successful attacks only (predicted as the target, true label not the target), as the paper does;
+  3. every rule configuration (`CONFIGS`) is calibrated with `layerguard.tooling.calibration.calibrate`, as
+     shipped: k-fold cross-fitted benign scores (5 folds; the paper's notebook is 1 fold, in-sample);
+  4. one forward pass per scored image, hooks on every configuration's layers and the peers' penultimate
+     layer, scores the image under every configuration. Thresholds: ``target_fpr`` 1% and 5% from the
+     cross-fitted reference scores (`detector.benign.thresholds(policy)`, no refit), and tau 2.5; the FPR
+     they deliver is measured on the held-out benign images. AUROC uses the per-class standardised score
+     z = (score - mean_c) / std_c, which is what every threshold cuts;
+  5. peers (bench/peers.py): penultimate Mahalanobis (one pass), SCALE-UP (6 passes) and STRIP (1 + N
+     passes) on capped prefixes of the same images (``--n-scaleup``, ``--n-strip``), thresholded at the
+     1% / 5% quantile of their scores on reference images (equal target FPR), plus the TPR read off their
+     ROC at exactly 1% / 5% FPR.
 
-layerguard's decision is per class (score < mean_c - tau * std_c), so its single benign-likeness number
-for ROC/AUROC and for the reference-quantile thresholds is the standardised score
-z = (score - mean_c) / std_c of the predicted class c; "tau" rows flag z < -tau. Its reference quantiles
-use only the threshold half of the reference set (the centroid half would be optimistically scored).
+Writes bench/results/detection_<dataset>.json (one per dataset); bench/run_all.py renders docs/benchmarks.md.
 
-Usage:  .venv/bin/python bench/detection.py [--data PATH] [--weights DIR] [--attacks badnets,...]
+Usage:  .venv/bin/python bench/detection.py [--datasets cifar10,gtsrb] [--models badnets,...] [--quick]
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import inspect
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,36 +46,99 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.attacks import ATTACKS as ATTACK_CLASSES  # noqa: E402
-from bench.attacks import TARGET, Attack, build_attack  # noqa: E402
+from bench.attacks import TARGET, Attack, attack_from_params, build_attack  # noqa: E402
 from bench.benchutil import REPO_ROOT, RESULTS_DIR, command_line, log, machine_info, now_utc, write_result  # noqa: E402
-from bench.data import default_data_path, load_cifar, to_tensor  # noqa: E402
+from bench.data import default_data_path, default_gtsrb_path, load_cifar, load_gtsrb, to_tensor  # noqa: E402
 from bench.peers import Mahalanobis, ScaleUp, Strip  # noqa: E402
-from layerguard.calibration import CalibrationConfig, StratifiedSplit, calibrate  # noqa: E402
-from layerguard.capture import LayerCapture  # noqa: E402
-from layerguard.detector import ThresholdPolicy  # noqa: E402
-from layerguard.evaluation import auroc  # noqa: E402
-from layerguard.layers import default_plan, discover_layers  # noqa: E402
+from layerguard.core.capture import LayerCapture  # noqa: E402
+from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
+from layerguard.core.thresholds import BenignScores, ThresholdPolicy  # noqa: E402
+from layerguard.tooling.calibration import CalibrationConfig, calibrate  # noqa: E402
+from layerguard.tooling.evaluation import auroc  # noqa: E402
 
 ATTACKS = ["badnets", "blended", "wanet", "sig", "adapblend"]
-ATTACK_ORDER = ["clean", *ATTACKS]
-TAUS = (1.5, 2.0, 2.5, 3.0)
+MODEL_ORDER = ["clean", *ATTACKS]
 TARGET_FPRS = (0.01, 0.05)
+TAU = 2.5
 # FPR grid at which ROC curves are stored in the JSON (plots are redrawn from it, never from raw scores).
 ROC_GRID = np.unique(np.r_[0.0, np.logspace(-3, 0, 61)])
-PENULTIMATE = "pool"
-NUM_CLASSES = 10
+PEER_LAYER = "pool"  # the zoo models' pooled penultimate features (ResNet-20: 64-d, compact VGG: 256-d)
+PEER_MAHALANOBIS = "Mahalanobis (peer)"
+PEERS = [PEER_MAHALANOBIS, "SCALE-UP", "STRIP"]
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """One calibration of layerguard to compare: rule, its options, folds, window, calibration policy."""
+
+    key: str
+    label: str
+    rule: str
+    options: dict[str, str] = field(default_factory=dict)
+    folds: int = 5
+    exclude_logits: bool = False
+    tau: float | None = None  # the calibration policy (tau 2.5 for the paper's notebook, else target FPR 1%)
+
+    @property
+    def policy(self) -> ThresholdPolicy:
+        return ThresholdPolicy.from_options(tau=self.tau)
+
+
+CONFIGS: list[RuleConfig] = [
+    RuleConfig("cosine-loi/paper", "cosine-loi, paper notebook (1 fold, tau 2.5)", "cosine-loi", folds=1, tau=TAU),
+    RuleConfig("cosine-loi", "cosine-loi (5 folds)", "cosine-loi"),
+    RuleConfig("cosine-loi/no-logits", "cosine-loi, exclude-logits", "cosine-loi", exclude_logits=True),
+    RuleConfig("mahalanobis", "mahalanobis (all layers, predicted)", "mahalanobis",
+               {"layers": "all", "reference": "predicted"}),
+    RuleConfig("mahalanobis/no-logits", "mahalanobis, exclude-logits", "mahalanobis",
+               {"layers": "all", "reference": "predicted"}, exclude_logits=True),
+    RuleConfig("mahalanobis/penultimate", "mahalanobis, layers=penultimate", "mahalanobis",
+               {"layers": "penultimate", "reference": "predicted"}),
+    RuleConfig("mahalanobis/nearest", "mahalanobis, reference=nearest", "mahalanobis",
+               {"layers": "all", "reference": "nearest"}),
+]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    key: str
+    label: str
+    prefix: str  # weights file prefix: "" (CIFAR-10 zoo) or "gtsrb_"
+    loader: Callable[[Path | None], dict[str, np.ndarray]]
+    default_path: Callable[[], Path]
+    ref_share: float  # share of each class's test images kept as benign references
+    ref_min: int  # ... but at least this many
+
+
+DATASETS = {
+    "cifar10": Dataset("cifar10", "CIFAR-10", "", load_cifar, default_data_path, 0.1, 20),
+    # GTSRB classes run from 60 to 750 test images: a floor of 10 (the least 5-fold calibration takes) keeps
+    # the references close to the test set's class mix, which a single threshold for all classes relies on
+    "gtsrb": Dataset("gtsrb", "GTSRB", "gtsrb_", load_gtsrb, default_gtsrb_path, 0.1, 10),
+}
 
 
 # ---- protocol helpers (unit-tested in tests/test_peers.py) ----------------------------------------------
-def split_reference(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(reference indices sorted by class then position, the other indices in a seeded random order)."""
+def reference_counts(labels: np.ndarray, share: float, minimum: int) -> np.ndarray:
+    """Reference images per class: ``share`` of the class's images, at least ``minimum`` (and at most all
+    but one, so every class keeps a scored image)."""
+    counts = np.bincount(labels)
+    want = np.maximum(np.round(share * counts).astype(int), minimum)
+    return np.minimum(want, np.maximum(counts - 1, 0))
+
+
+def split_reference(labels: np.ndarray, per_class: int | np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reference indices sorted by class then position, the other indices in a seeded random order).
+
+    ``per_class`` is one count for every class or an array of counts indexed by class."""
     rng = np.random.default_rng(seed)
     ref = []
     for c in np.unique(labels):
+        k = int(per_class if np.isscalar(per_class) else per_class[c])
         idx = np.flatnonzero(labels == c)
-        if len(idx) < per_class:
-            raise ValueError(f"class {c} has {len(idx)} images, fewer than {per_class} reference images")
-        ref.append(np.sort(rng.choice(idx, size=per_class, replace=False)))
+        if len(idx) < k:
+            raise ValueError(f"class {c} has {len(idx)} images, fewer than {k} reference images")
+        ref.append(np.sort(rng.choice(idx, size=k, replace=False)))
     ref_idx = np.concatenate(ref)
     rest = np.setdiff1d(np.arange(len(labels)), ref_idx)
     return ref_idx, rng.permutation(rest)
@@ -101,10 +169,22 @@ def tpr_at_fpr(benign: np.ndarray, attacks: np.ndarray, fpr: float | np.ndarray)
     return np.mean(a[None, :] < thr[:, None], axis=1)
 
 
+def roc_summary(benign: np.ndarray, attacks: np.ndarray | None) -> dict[str, Any]:
+    """AUROC, the oracle TPR at exactly 1% / 5% FPR and the ROC on ROC_GRID (empty without attacks)."""
+    if attacks is None or not len(attacks):
+        return {}
+    out: dict[str, Any] = {"auroc": auroc(benign, attacks)}
+    for q in TARGET_FPRS:
+        out[f"roc_tpr_at_{q:g}"] = float(tpr_at_fpr(benign, attacks, q)[0])
+    out["roc"] = {"fpr": ROC_GRID.round(6).tolist(), "tpr": tpr_at_fpr(benign, attacks, ROC_GRID).round(5).tolist()}
+    return out
+
+
 def summarise(
     ref: np.ndarray, benign: np.ndarray, attacks: np.ndarray | None, passes: int, seconds: float
 ) -> dict[str, Any]:
-    """Everything the report needs about one detector on one model (lower score = more suspicious)."""
+    """A peer on one model (lower score = more suspicious): thresholds at the 1% / 5% quantile of its
+    reference scores, the FPR and TPR they deliver, and the ROC."""
     out: dict[str, Any] = {
         "forward_passes": passes,
         "seconds": round(seconds, 1),
@@ -114,307 +194,389 @@ def summarise(
     }
     for q in TARGET_FPRS:
         thr = reference_threshold(ref, q)
-        empty = np.zeros(0)
-        out[f"ref_fpr_{q:g}"] = {"threshold": thr, **rates_at(thr, benign, attacks if attacks is not None else empty)}
-    if attacks is not None and len(attacks):
-        out["auroc"] = auroc(benign, attacks)
-        for q in TARGET_FPRS:
-            out[f"roc_tpr_at_{q:g}"] = float(tpr_at_fpr(benign, attacks, q)[0])
-        out["roc"] = {"fpr": ROC_GRID.round(6).tolist(), "tpr": tpr_at_fpr(benign, attacks, ROC_GRID).round(5).tolist()}
+        out[f"ref_fpr_{q:g}"] = {"threshold": thr, **rates_at(thr, benign, attacks if attacks is not None
+                                                              else np.zeros(0))}
+    out.update(roc_summary(benign, attacks))
     return out
 
 
-# ---- running the detectors ---------------------------------------------------------------------------
-def _batches(x: np.ndarray, y: np.ndarray, batch: int):
+def rule_rates(scores: np.ndarray, pred: np.ndarray, thresholds: np.ndarray, success: np.ndarray | None,
+               att_scores: np.ndarray | None, att_pred: np.ndarray | None) -> dict[str, float]:
+    """FPR over benign and TPR over successful attacks under per-class thresholds (flag score < thr[pred])."""
+    out = {"fpr": float(np.mean(scores < thresholds[pred])) if len(scores) else float("nan"), "tpr": float("nan")}
+    if att_scores is not None and success is not None and success.any():
+        out["tpr"] = float(np.mean((att_scores < thresholds[att_pred])[success]))
+    return out
+
+
+def oof_mahalanobis(features: torch.Tensor, labels: np.ndarray, num_classes: int, folds: int, seed: int
+                    ) -> np.ndarray:
+    """Out-of-fold peer-Mahalanobis scores of the reference images (each scored by a fit without it), so its
+    reference quantile is not the optimistic in-sample one."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=int)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fold[idx] = np.arange(len(idx)) % folds
+    out = np.zeros(len(labels))
+    for f in range(folds):
+        test = fold == f
+        maha = Mahalanobis(PEER_LAYER).fit(features[~test], labels[~test], num_classes)
+        out[test] = maha.score_features(features[test], labels[test])
+    return out
+
+
+# ---- running ------------------------------------------------------------------------------------------
+def _batches(x: np.ndarray, y: np.ndarray, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for i in range(0, len(x), batch):
         xb = to_tensor(x[i : i + batch]).contiguous(memory_format=torch.channels_last)
         yield xb, torch.from_numpy(y[i : i + batch])
 
 
+def attack_from_meta(name: str, meta: dict[str, Any] | None) -> Attack:
+    """The attack with the settings the model was trained with (``meta["attack"]`` of the weights' json);
+    without a record, the attack's class defaults. Unknown keys in the record are ignored."""
+    params = (meta or {}).get("attack")
+    if params:
+        accepted = inspect.signature(ATTACK_CLASSES[name].__init__).parameters
+        return attack_from_params({"name": name, **{k: v for k, v in params.items() if k in accepted}})
+    return build_attack(name)
+
+
 @torch.no_grad()
-def single_pass(
-    model: torch.nn.Module, detector, layers: tuple[str, ...], x: np.ndarray, batch: int
-) -> dict[str, np.ndarray]:
-    """One forward pass per image with hooks on layerguard's layers and the penultimate layer."""
-    names = tuple(dict.fromkeys((*layers, PENULTIMATE)))
-    preds, scores, pen, sims = [], [], [], []
+def forward_all(model: torch.nn.Module, detectors: dict[str, Any], x: np.ndarray, batch: int
+                ) -> dict[str, Any]:
+    """One forward pass per batch with hooks on every detector's layers and the peer layer; every detector
+    scores the same features. Returns predictions, per-detector scores / terms / similarities, peer features."""
+    names = tuple(dict.fromkeys([n for d in detectors.values() for n in d.layer_names] + [PEER_LAYER]))
+    pred, pen = [], []
+    parts: dict[str, dict[str, list[np.ndarray]]] = {k: {"scores": [], "terms": [], "sims": []} for k in detectors}
     with LayerCapture(model, names) as cap:
         for xb, _ in _batches(x, np.zeros(len(x), dtype=np.int64), batch):
             logits, feats = cap.run(xb)
-            det = detector.score({n: feats[n] for n in layers}, logits.argmax(dim=1))
-            preds.append(det.predicted.numpy())
-            scores.append(det.scores.numpy())
-            sims.append(det.similarities.numpy())
-            pen.append(feats[PENULTIMATE].float().clone())
-    return {"pred": np.concatenate(preds), "score": np.concatenate(scores), "pen": torch.cat(pen),
-            "sims": np.concatenate(sims)}
+            p = logits.argmax(dim=1)
+            pred.append(p.numpy())
+            pen.append(feats[PEER_LAYER].float().reshape(len(xb), -1).clone())
+            for key, det in detectors.items():
+                d = det.score({n: feats[n] for n in det.layer_names}, p)
+                parts[key]["scores"].append(d.scores.numpy())
+                parts[key]["terms"].append(d.terms.numpy())
+                parts[key]["sims"].append(d.similarities.numpy())
+    return {"pred": np.concatenate(pred), "pen": torch.cat(pen),
+            **{key: {k: np.concatenate(v) for k, v in p.items()} for key, p in parts.items()}}
 
 
-def attack_from_meta(name: str, meta: dict[str, Any] | None) -> Attack:
-    """The attack with the settings the model was trained with (bench/train.py --set overrides are recorded
-    in the weights' json as ``attack``); only the keys the attack's constructor takes are passed back."""
-    params = (meta or {}).get("attack") or {}
-    accepted = inspect.signature(ATTACK_CLASSES[name].__init__).parameters
-    return build_attack(name, **{k: v for k, v in params.items() if k in accepted and k != "self"})
+def rule_result(cfg: RuleConfig, det: Any, ref: dict[str, Any], ben: dict[str, Any], att: dict[str, Any] | None,
+                success: np.ndarray | None, seconds: float, layers: tuple[str, ...]) -> dict[str, Any]:
+    """One configuration on one model: delivered FPR / TPR at each target FPR and at tau 2.5, AUROC, ROC.
 
-
-LAYERGUARD_NO_LOGITS = "layerguard --exclude-logits"
-
-
-def layerguard_result(
-    artifact, runs: dict[str, dict[str, np.ndarray] | None], y_ref: np.ndarray, success: np.ndarray, seconds: float
-) -> dict[str, Any]:
-    """layerguard's rows for one calibration: standardised scores for ROC and reference quantiles, the tau
-    rows, the artifact's own target-FPR thresholds and, with attacks, each layer's AUROC (diagnostic)."""
-    ref, ben, att = runs["ref"], runs["ben"], runs["att"]
-    layers = artifact.layer_names
-
-    def z(scores: np.ndarray, pred: np.ndarray) -> np.ndarray:
-        return (scores - artifact.score_mean[pred]) / np.maximum(artifact.score_std[pred], 1e-12)
-
-    held = StratifiedSplit(NUM_CLASSES, 0.5).held_out(y_ref)  # the threshold half, as calibrate() split it
-    z_ref, z_ben = z(ref["score"], ref["pred"])[held], z(ben["score"], ben["pred"])
-    z_att = z(att["score"], att["pred"])[success] if att is not None else None
-    lg = summarise(z_ref, z_ben, z_att, 1, seconds)
-    lg["tau"] = {f"{t:g}": rates_at(-t, z_ben, z_att if z_att is not None else np.zeros(0)) for t in TAUS}
-    lg["policy_target_fpr"] = {}
+    Diagnostic ``target_fpr_by_predicted``: the same policies with thresholds inferred instead from the
+    reference images scored against their *predicted* class by the final detector (in-sample), as serving
+    scores every input; calibration scores references against their true class."""
+    b, a = ben[cfg.key], att[cfg.key] if att is not None else None
+    z_ben = det.benign.standardize(b["scores"], ben["pred"])
+    z_att = det.benign.standardize(a["scores"], att["pred"])[success] if a is not None else None
+    out: dict[str, Any] = {
+        "calibration_seconds": round(seconds, 1),
+        "layers": list(layers),
+        "term_layers": list(det.rule.term_layers),
+        "n_reference_scores": int(len(det.benign.scores)),
+    }
+    if cfg.rule == "cosine-loi":
+        out["loi"] = [layers[i] for i in det.loi]
+    a_scores, a_pred = (a["scores"], att["pred"]) if a is not None else (None, None)
+    out["target_fpr"] = {}
     for q in TARGET_FPRS:
-        thr = artifact.thresholds(ThresholdPolicy(tau=None, target_fpr=q))
-        flag_b = ben["score"] < thr[ben["pred"]]
-        flag_a = (att["score"] < thr[att["pred"]])[success] if att is not None else np.zeros(0, dtype=bool)
-        lg["policy_target_fpr"][f"{q:g}"] = {
-            "fpr": float(flag_b.mean()),
-            "tpr": float(flag_a.mean()) if len(flag_a) else float("nan"),
-        }
-    if att is not None:
-        # Diagnostic: how well each monitored layer's similarity alone separates successful attacks from
-        # benign images predicted as the target (both measured against the target's centroids).
-        ben_t = ben["pred"] == TARGET
-        lg["layer_auroc"] = {
-            layer: auroc(ben["sims"][ben_t, k], att["sims"][success, k]) for k, layer in enumerate(layers)
-        }
-        # ... and why a window separates less than its best layer: each layer's benign spread and the attacks'
-        # distance below the benign mean in units of that spread (a wide, signal-free layer drowns the others)
-        b_sims, a_sims = ben["sims"][ben_t], att["sims"][success]
-        lg["layer_spread"] = {
-            layer: {"benign_mean": float(b_sims[:, k].mean()), "benign_std": float(b_sims[:, k].std()),
-                    "attack_mean": float(a_sims[:, k].mean())}
-            for k, layer in enumerate(layers) if len(b_sims) and len(a_sims)
-        }
-        lg["window_target"] = [layers[i] for i in range(max(0, artifact.loi[TARGET] - 2), artifact.loi[TARGET] + 1)]
-    return lg
+        policy = ThresholdPolicy(tau=None, target_fpr=q)
+        out["target_fpr"][f"{q:g}"] = {**rule_rates(b["scores"], ben["pred"], det.benign.thresholds(policy),
+                                                    success, a_scores, a_pred),
+                                       "reference_fpr": det.benign.flagged_share(policy)}
+    by_pred = BenignScores(ref[cfg.key]["scores"], ref["pred"], det.num_classes)
+    out["target_fpr_by_predicted"] = {
+        f"{q:g}": rule_rates(b["scores"], ben["pred"], by_pred.thresholds(ThresholdPolicy(tau=None, target_fpr=q)),
+                             success, a_scores, a_pred) for q in TARGET_FPRS}
+    policy = ThresholdPolicy(tau=TAU, target_fpr=None)
+    out["tau"] = {f"{TAU:g}": {**rule_rates(b["scores"], ben["pred"], det.benign.thresholds(policy), success,
+                                            a_scores, a_pred), "reference_fpr": det.benign.flagged_share(policy)}}
+    out.update(roc_summary(z_ben, z_att))
+    return out
 
 
-def evaluate_model(
-    name: str,
-    model: torch.nn.Module,
-    data: dict[str, np.ndarray],
-    args: argparse.Namespace,
-    meta: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """All detectors on one model; ``name == 'clean'`` has no trigger, so only benign FPRs are reported."""
+def layer_diagnostic(det_cos: Any, det_maha: Any, ben: dict[str, Any], att: dict[str, Any], success: np.ndarray,
+                     target: int, cos_key: str, maha_key: str) -> dict[str, Any]:
+    """Which monitored layer separates successful attacks from benign images: per layer, AUROC of the cosine
+    similarity to the target's centroid (benign = scored images predicted as the target) and of the
+    Mahalanobis distance to the predicted class's mean (benign = all scored images)."""
+    ben_t = ben["pred"] == target
+    sims_b, sims_a = ben[cos_key]["sims"][ben_t], att[cos_key]["sims"][success]
+    terms_b, terms_a = ben[maha_key]["terms"], att[maha_key]["terms"][success]
+    loi = int(det_cos.loi[target])
+    layers = list(det_cos.layer_names)
+    return {
+        "layers": layers,
+        "cosine": [auroc(sims_b[:, k], sims_a[:, k]) for k in range(len(layers))],
+        "cosine_benign_n": int(ben_t.sum()),
+        "mahalanobis": [auroc(-terms_b[:, k], -terms_a[:, k]) for k in range(terms_b.shape[1])],
+        "mahalanobis_layers": list(det_maha.rule.term_layers),
+        "window_target": layers[max(0, loi - 2): loi + 1],
+    }
+
+
+def evaluate_model(name: str, ds: Dataset, model: torch.nn.Module, data: dict[str, np.ndarray],
+                   args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """Every rule configuration and every peer on one model; the clean model reports benign FPRs only."""
     t_model = time.time()
     model = model.eval().to(memory_format=torch.channels_last)
+    num_classes = int(meta.get("num_classes", len(np.unique(data["y_test"]))))
     x_all, y_all = data["x_test"], data["y_test"]
-    ref_idx, scored_order = split_reference(y_all, args.ref_per_class, args.seed)
-    sub = scored_order[: args.n_benign]
-    x_ref, y_ref = x_all[ref_idx], y_all[ref_idx]
-    x_ben, y_ben = x_all[sub], y_all[sub]
+    counts = reference_counts(y_all, ds.ref_share, ds.ref_min) if args.ref_per_class is None else args.ref_per_class
+    ref_idx, scored = split_reference(y_all, counts, args.seed)
     attack = None if name == "clean" else attack_from_meta(name, meta)
-    x_att = attack.apply(x_ben, np.random.default_rng(args.seed + 1)) if attack is not None else None
+    target = attack.target if attack is not None else TARGET
+    ben_idx = scored[: args.n_benign]
+    x_ref, y_ref = x_all[ref_idx], y_all[ref_idx]
+    x_ben, y_ben = x_all[ben_idx], y_all[ben_idx]
+    if attack is not None:
+        att_idx = scored[y_all[scored] != target][: args.n_poison]
+        x_att = attack.apply(x_all[att_idx], np.random.default_rng(args.seed + 1))
+        y_att = y_all[att_idx]
+    else:
+        x_att = y_att = None
 
-    # layerguard: calibrate on the reference images exactly as shipped
-    t0 = time.time()
+    # every configuration, calibrated as shipped
     candidates = discover_layers(model, to_tensor(x_ref[:2]).contiguous(memory_format=torch.channels_last))
-    plan = default_plan(candidates)
-    config = CalibrationConfig(policy=ThresholdPolicy(tau=2.5), holdout_fraction=0.5, min_per_class=10)
-    artifact = calibrate(model, lambda: _batches(x_ref, y_ref, args.batch), plan, NUM_CLASSES, config)
-    t_cal = time.time() - t0
-    detector = artifact.detector(ThresholdPolicy(tau=2.5))
-    t0 = time.time()
-    ref = single_pass(model, detector, plan.layers, x_ref, args.batch)
-    ben = single_pass(model, detector, plan.layers, x_ben, args.batch)
-    att = single_pass(model, detector, plan.layers, x_att, args.batch) if x_att is not None else None
-    t_single = time.time() - t0
-    n_single = len(x_ref) + len(x_ben) + (len(x_att) if x_att is not None else 0)
+    detectors, plans, cal_seconds = {}, {}, {}
+    for cfg in CONFIGS:
+        t0 = time.time()
+        plan = default_plan(candidates, exclude_logits=cfg.exclude_logits)
+        config = CalibrationConfig(rule=cfg.rule, rule_options=dict(cfg.options), policy=cfg.policy,
+                                   folds=cfg.folds, min_per_class=10)
+        artifact = calibrate(model, lambda: _batches(x_ref, y_ref, args.batch), plan, num_classes, config)
+        detectors[cfg.key] = artifact.detector(cfg.policy)
+        plans[cfg.key] = plan
+        cal_seconds[cfg.key] = time.time() - t0
+    log(f"[{ds.key}/{name}] calibrated {len(CONFIGS)} configurations on {len(x_ref)} references in "
+        f"{sum(cal_seconds.values()):.0f}s")
 
-    # successful attacks: triggered, predicted as the target, true label not the target
-    success = (att["pred"] == TARGET) & (y_ben != TARGET) if att is not None else np.zeros(len(x_ben), dtype=bool)
+    t0 = time.time()
+    ref = forward_all(model, detectors, x_ref, args.batch)
+    ben = forward_all(model, detectors, x_ben, args.batch)
+    att = forward_all(model, detectors, x_att, args.batch) if x_att is not None else None
+    n_scored = len(x_ref) + len(x_ben) + (len(x_att) if x_att is not None else 0)
+    t_single = time.time() - t0
+    success = (att["pred"] == target) & (y_att != target) if att is not None else None
     result: dict[str, Any] = {
+        "target": int(target),
+        "num_classes": num_classes,
         "clean_acc_scored": float(np.mean(ben["pred"] == y_ben)),
+        "reference_acc": float(np.mean(ref["pred"] == y_ref)),
         "n_reference": int(len(x_ref)),
         "n_benign": int(len(x_ben)),
-        "n_triggered": int(len(x_ben)) if att is not None else 0,
-        "n_successful": int(success.sum()),
-        "asr_scored": float(success.sum() / max(1, np.sum(y_ben != TARGET))) if att is not None else None,
-        "layers": list(plan.layers),
-        "loi": [plan.layers[i] for i in artifact.loi],
-        "calibration_seconds": round(t_cal, 1),
-        "detectors": {},
+        "n_triggered": int(len(x_att)) if x_att is not None else 0,
+        "n_successful": int(success.sum()) if success is not None else 0,
+        "asr_scored": float(success.mean()) if success is not None else None,
+        "scoring_seconds_per_image_all_configs": t_single / max(n_scored, 1),
+        "rules": {},
+        "peers": {},
     }
-    runs = {"ref": ref, "ben": ben, "att": att}
-    single_seconds = t_single * len(x_ben) / n_single
-    result["detectors"]["layerguard"] = layerguard_result(artifact, runs, y_ref, success, t_cal + single_seconds)
-    log(f"[{name}] layerguard done ({t_cal:.0f}s calibration, {t_single:.0f}s scoring)")
+    for cfg in CONFIGS:
+        result["rules"][cfg.key] = rule_result(cfg, detectors[cfg.key], ref, ben, att, success, cal_seconds[cfg.key],
+                                               plans[cfg.key].layers)
+    if att is not None and success.any():
+        result["layer_diagnostic"] = layer_diagnostic(detectors["cosine-loi"], detectors["mahalanobis"], ben, att,
+                                                      success, target, "cosine-loi", "mahalanobis")
+    line = ", ".join(f"{k} {_fmt(r.get('auroc'))}/{_fmt(r['target_fpr']['0.01']['tpr'])}/"
+                     f"{_fmt(r['target_fpr']['0.01']['fpr'])}" for k, r in result["rules"].items())
+    log(f"[{ds.key}/{name}] AUROC/TPR@1%/FPR@1%: {line}")
 
-    # layerguard --exclude-logits: its own calibration, scored on the similarities of the same forward pass
-    # (its layers are the default window less the last, and the centroids of the shared layers are the same)
+    # peer: Mahalanobis on the penultimate (pooled) features of the same pass; out-of-fold reference scores
     t0 = time.time()
-    plan_nl = default_plan(candidates, exclude_logits=True)
-    artifact_nl = calibrate(model, lambda: _batches(x_ref, y_ref, args.batch), plan_nl, NUM_CLASSES, config)
-    if plan_nl.layers != plan.layers[: len(plan_nl.layers)] or not all(
-        np.allclose(artifact_nl.centroids[n], artifact.centroids[n]) for n in plan_nl.layers
-    ):
-        raise RuntimeError("--exclude-logits calibration does not share the default window's centroids")
-    detector_nl = artifact_nl.detector(ThresholdPolicy(tau=2.5))
-
-    def rescored(run: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
-        if run is None:
-            return None
-        sims = run["sims"][:, : len(plan_nl.layers)]
-        det = detector_nl.score_similarities(torch.from_numpy(sims), torch.from_numpy(run["pred"]))
-        return {**run, "sims": sims, "score": det.scores.numpy()}
-
-    nl_runs = {k: rescored(r) for k, r in runs.items()}
-    nl = layerguard_result(artifact_nl, nl_runs, y_ref, success, time.time() - t0 + single_seconds)
-    nl["loi"] = [plan_nl.layers[i] for i in artifact_nl.loi]
-    result["detectors"][LAYERGUARD_NO_LOGITS] = nl
-
-    # Mahalanobis on the penultimate features of the same pass
-    t0 = time.time()
-    maha = Mahalanobis(PENULTIMATE).fit(ref["pen"], y_ref, NUM_CLASSES)
-    m_ref = maha.score_features(ref["pen"], ref["pred"])
+    maha = Mahalanobis(PEER_LAYER).fit(ref["pen"], y_ref, num_classes)
+    m_ref = oof_mahalanobis(ref["pen"], y_ref, num_classes, 5, args.seed)
     m_ben = maha.score_features(ben["pen"], ben["pred"])
     m_att = maha.score_features(att["pen"], att["pred"])[success] if att is not None else None
-    result["detectors"]["Mahalanobis"] = summarise(
-        m_ref, m_ben, m_att, 1, time.time() - t0 + t_single * len(x_ben) / n_single
-    )
+    result["peers"][PEER_MAHALANOBIS] = summarise(m_ref, m_ben, m_att, 1, time.time() - t0)
 
-    # SCALE-UP (data-limited variant) on a prefix of the scored subset
+    # SCALE-UP (data-limited variant): fitted on the references, scores capped prefixes
     t0 = time.time()
     n_su = min(args.n_scaleup, len(x_ben))
     su = ScaleUp(model, batch=args.batch)
-    s_ref = su.fit(to_tensor(x_ref), NUM_CLASSES)
+    s_ref = su.fit(to_tensor(x_ref), num_classes)
     s_ben = su.score(to_tensor(x_ben[:n_su]))
-    s_att = su.score(to_tensor(x_att[:n_su]))[success[:n_su]] if x_att is not None else None
-    result["detectors"]["SCALE-UP"] = summarise(s_ref, s_ben, s_att, su.forward_passes, time.time() - t0)
-    log(f"[{name}] SCALE-UP done ({time.time() - t0:.0f}s, {n_su} benign + {n_su} triggered)")
+    s_att = None
+    if x_att is not None:
+        n_su_att = min(n_su, len(x_att))
+        s_att = su.score(to_tensor(x_att[:n_su_att]))[success[:n_su_att]]
+    result["peers"]["SCALE-UP"] = summarise(s_ref, s_ben, s_att, su.forward_passes, time.time() - t0)
 
     # STRIP: clean overlays from the reference pool; reference entropies on a reference subset
     t0 = time.time()
     n_st = min(args.n_strip, len(x_ben))
     pool = to_tensor(x_ref)
     strip = Strip(model, pool, n=args.strip_n, seed=args.seed, batch=args.batch)
-    ref_sub = np.random.default_rng(args.seed + 2).choice(len(x_ref), size=min(args.n_strip, len(x_ref)), replace=False)
+    ref_sub = np.random.default_rng(args.seed + 2).choice(len(x_ref), size=min(n_st, len(x_ref)), replace=False)
     t_ref = strip.score(pool[ref_sub])
     t_ben = strip.score(to_tensor(x_ben[:n_st]))
-    t_att = strip.score(to_tensor(x_att[:n_st]))[success[:n_st]] if x_att is not None else None
-    result["detectors"]["STRIP"] = summarise(t_ref, t_ben, t_att, strip.forward_passes, time.time() - t0)
-    result["detectors"]["STRIP"]["n"] = args.strip_n
-    log(f"[{name}] STRIP done ({time.time() - t0:.0f}s, N={args.strip_n}, {n_st} benign + {n_st} triggered)")
+    t_att = None
+    if x_att is not None:
+        n_st_att = min(n_st, len(x_att))
+        t_att = strip.score(to_tensor(x_att[:n_st_att]))[success[:n_st_att]]
+    result["peers"]["STRIP"] = summarise(t_ref, t_ben, t_att, strip.forward_passes, time.time() - t0)
+    result["peers"]["STRIP"]["n"] = args.strip_n
+    log(f"[{ds.key}/{name}] peers: " + ", ".join(
+        f"{k} AUROC {_fmt(v.get('auroc'))} ({v['seconds']:.0f}s)" for k, v in result["peers"].items()))
     result["seconds"] = round(time.time() - t_model, 1)
     return result
 
 
-def weights_digest(name: str, weights: Path) -> str | None:
-    """sha256 of bench/weights/<name>.pt, so merged results can tell a retrained model from the one scored."""
-    path = weights / f"{name}.pt"
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:.3f}"
+
+
+def code_version() -> dict[str, Any]:
+    """The commit and a digest of the layerguard package's sources as they were when this ran (the working
+    tree may hold uncommitted edits): which library the numbers belong to."""
+    import subprocess
+
+    digest = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "layerguard").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "layerguard"], cwd=REPO_ROOT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {"commit": commit, "layerguard_uncommitted_edits": dirty, "layerguard_sources_sha256": digest.hexdigest()}
+
+
+def weights_digest(stem: str, weights: Path) -> str | None:
+    """sha256 of bench/weights/<stem>.pt, so merged results can tell a retrained model from the one scored."""
+    path = weights / f"{stem}.pt"
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def load_model(name: str, weights: Path) -> tuple[torch.nn.Module, dict[str, Any]] | None:
+def load_model(stem: str, weights: Path) -> tuple[torch.nn.Module, dict[str, Any]] | None:
     """The zoo model and its json, or None when it is not trained yet."""
     from bench.train import load_zoo_model
 
-    if not (weights / f"{name}.pt").exists() or not (weights / f"{name}.json").exists():
+    if not (weights / f"{stem}.pt").exists() or not (weights / f"{stem}.json").exists():
         return None
-    return load_zoo_model(name, weights)
+    return load_zoo_model(stem, weights)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=None, help="CIFAR-10 npz (default: $LAYERGUARD_CIFAR or ../shared)")
-    p.add_argument("--weights", type=Path, default=REPO_ROOT / "bench" / "weights")
-    p.add_argument("--attacks", default="clean," + ",".join(ATTACKS), help="comma list; 'clean' = FPR only")
-    p.add_argument("--ref-per-class", type=int, default=100)
-    p.add_argument("--n-benign", type=int, default=2000, help="scored benign images (the same ones get the trigger)")
-    p.add_argument("--n-scaleup", type=int, default=1000, help="prefix of the scored subset that SCALE-UP scores")
-    p.add_argument("--n-strip", type=int, default=500, help="prefix that STRIP scores (and its reference count)")
-    p.add_argument("--strip-n", type=int, default=20, help="STRIP's N (clean overlays per input)")
-    p.add_argument("--batch", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=None, help="results dir (default bench/results)")
-    p.add_argument(
-        "--merge",
-        action="store_true",
-        help="keep the other models already in detection.json (evaluate only --attacks, replace those)",
-    )
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+def run_dataset(ds: Dataset, names: list[str], args: argparse.Namespace, data_path: Path | None) -> Path:
     t_start = time.time()
-    data_path = args.data or default_data_path()
-    data = load_cifar(data_path)
+    path = data_path or ds.default_path()
+    data = ds.loader(path)
     models: dict[str, Any] = {}
     missing = []
-    for name in [a.strip() for a in args.attacks.split(",") if a.strip()]:
-        loaded = load_model(name, args.weights)
+    for name in names:
+        stem = ds.prefix + name
+        loaded = load_model(stem, args.weights)
         if loaded is None:
-            log(f"[{name}] no weights in {args.weights}; skipped (train with bench/train.py)")
+            log(f"[{ds.key}/{name}] no weights {stem}.pt in {args.weights}; skipped (train with bench/train.py)")
             missing.append(name)
             continue
         model, meta = loaded
-        log(f"[{name}] evaluating (clean acc {meta.get('clean_acc')}, ASR {meta.get('asr')})")
-        res = evaluate_model(name, model, data, args, meta)
+        log(f"[{ds.key}/{name}] evaluating (clean acc {meta.get('clean_acc')}, ASR {meta.get('asr')})")
+        res = evaluate_model(name, ds, model, data, args, meta)
         zoo_asr, asr = meta.get("asr"), res["asr_scored"]
         if zoo_asr is not None and asr is not None and abs(zoo_asr - asr) > 0.1:
-            log(f"[{name}] WARNING: ASR on the scored subset {asr:.3f} differs from the zoo's {zoo_asr:.3f}: "
-                "is the trigger the one the model was trained with?")
+            log(f"[{ds.key}/{name}] WARNING: ASR on the scored images {asr:.3f} differs from the zoo's "
+                f"{zoo_asr:.3f}: is the trigger the one the model was trained with?")
         res["zoo"] = {k: meta.get(k) for k in ("clean_acc", "asr", "epochs", "model", "n_poison", "n_cover",
                                                "attack")}
-        res["weights_sha256"] = weights_digest(name, args.weights)
+        res["weights_sha256"] = weights_digest(stem, args.weights)
         models[name] = res
-        log(f"[{name}] done in {res['seconds']:.0f}s")
+        log(f"[{ds.key}/{name}] done in {res['seconds']:.0f}s")
     payload = {
         "command": command_line(),
         "date": now_utc(),
         "machine": machine_info(),
+        "code": args.code,
         "seconds": round(time.time() - t_start, 1),
-        "data": str(Path(data_path).name),
+        "dataset": ds.key,
+        "dataset_label": ds.label,
+        "data": str(Path(path).name),
+        "quick": bool(args.quick),
         "protocol": {
-            "reference_per_class": args.ref_per_class,
+            "reference": (f"{args.ref_per_class} per class" if args.ref_per_class is not None else
+                          f"{ds.ref_share:.0%} of each class's test images, at least {ds.ref_min}"),
             "n_benign": args.n_benign,
+            "n_poison": args.n_poison,
             "n_scaleup": args.n_scaleup,
             "n_strip": args.n_strip,
             "strip_n": args.strip_n,
             "seed": args.seed,
-            "target": TARGET,
-            "calibration": "tau 2.5, holdout_fraction 0.5, min_per_class 10",
+            "min_per_class": 10,
+            "target_fprs": list(TARGET_FPRS),
+            "tau": TAU,
         },
+        "configs": [{**asdict(c), "policy": c.policy.as_dict()} for c in CONFIGS],
         "missing": missing,
         "models": models,
     }
-    previous = (args.out or RESULTS_DIR) / "detection.json"
+    out_dir = args.out
+    previous = out_dir / f"detection_{ds.key}.json"
     if args.merge and previous.is_file():
         old = json.loads(previous.read_text())
         # keep only earlier results whose weights are still the ones on disk (a retrained model is re-run)
         merged = {k: v for k, v in old.get("models", {}).items()
                   if k not in models and v.get("weights_sha256") is not None
-                  and v.get("weights_sha256") == weights_digest(k, args.weights)}
-        dropped = sorted(set(old.get("models", {})) - set(merged) - set(models))
-        if dropped:
-            log(f"dropped stale results (weights changed or gone): {', '.join(dropped)}")
-            missing += [d for d in dropped if d not in missing]
-        payload["models"] = {
-            k: {**merged, **models}[k] for k in [*ATTACK_ORDER, *merged, *models] if k in {**merged, **models}
-        }
-        payload["missing"] = [m for m in missing if m not in payload["models"]]
+                  and v.get("weights_sha256") == weights_digest(ds.prefix + k, args.weights)}
+        both = {**merged, **models}
+        payload["models"] = {k: both[k] for k in [*MODEL_ORDER, *both] if k in both}
+        payload["missing"] = [m for m in dict.fromkeys([*missing, *old.get("missing", [])]) if m not in both]
         payload["merged_from"] = old.get("date")
         payload["seconds"] = round(sum(m.get("seconds", 0.0) for m in payload["models"].values()), 1)
         payload["command"] = f"{command_line()} (merged: each model's own run; seconds = their sum)"
-    path = write_result("detection", payload, args.out)
-    log(f"wrote {path} ({payload['seconds']:.0f}s)")
+    out = write_result(f"detection_{ds.key}", payload, out_dir)
+    log(f"wrote {out} ({payload['seconds']:.0f}s)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default="cifar10,gtsrb", help=f"comma list from {sorted(DATASETS)}")
+    p.add_argument("--data", type=Path, default=None, help="CIFAR-10 npz (default: $LAYERGUARD_CIFAR or ../shared)")
+    p.add_argument("--gtsrb-data", type=Path, default=None, help="GTSRB npz (default: $LAYERGUARD_GTSRB or ../shared)")
+    p.add_argument("--weights", type=Path, default=REPO_ROOT / "bench" / "weights")
+    p.add_argument("--models", default=",".join(MODEL_ORDER), help="comma list; 'clean' = FPR only")
+    p.add_argument("--ref-per-class", type=int, default=None,
+                   help="reference images per class (default: 10%% of each class's test images, at least 20)")
+    p.add_argument("--n-benign", type=int, default=4000, help="held-out benign test images scored")
+    p.add_argument("--n-poison", type=int, default=2000, help="triggered test images (true label not the target)")
+    p.add_argument("--n-scaleup", type=int, default=500, help="prefix of benign and triggered that SCALE-UP scores")
+    p.add_argument("--n-strip", type=int, default=300, help="prefix that STRIP scores (and its reference count)")
+    p.add_argument("--strip-n", type=int, default=20, help="STRIP's N (clean overlays per input)")
+    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: CIFAR-10 badnets only, 20 references a class, 200 + 100 images, tiny peers; "
+                   "writes to bench/cache/quick unless --out is given")
+    p.add_argument("--out", type=Path, default=None, help="results dir (default bench/results)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other models already in detection_<dataset>.json (evaluate only --models)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.datasets, args.models = "cifar10", "badnets"
+        args.ref_per_class, args.n_benign, args.n_poison = 20, 200, 100
+        args.n_scaleup, args.n_strip, args.strip_n = 50, 30, 8
+        args.out = args.out or REPO_ROOT / "bench" / "cache" / "quick"
+    args.out = args.out or RESULTS_DIR
+    args.code = code_version()  # at start: the sources this process imported
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    keys = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = [k for k in keys if k not in DATASETS]
+    if unknown:
+        p.error(f"unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}")
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    for key in keys:
+        run_dataset(DATASETS[key], names, args, args.data if key == "cifar10" else args.gtsrb_data)
     return 0
 
 

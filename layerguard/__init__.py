@@ -4,4 +4,6 @@ Kept import-light on purpose: guarded .mar archives ship this package, and a wor
 anything beyond torch, numpy, pillow and pyyaml by importing it.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+__all__ = ["__version__"]

@@ -155,11 +155,11 @@ def test_merged_shards_fit_the_same_detector():
     b.update({k: v[16:] for k, v in feats.items()}, torch.from_numpy(y[16:]))
     a.merge(b)
     a.fit()
-    # the full model (all references) is what serving uses: compare its state
-    full = a._full[1].arrays()
-    whole_arrays = det_whole.rule.arrays()
-    for key in ("mean/a", "precision/a"):
-        assert np.allclose(full[key], whole_arrays[key], atol=1e-4)
+    for lo in range(0, 40, 16):  # the second pass, as _toy_fit makes it
+        a.update_out_of_fold({k: v[lo:lo + 16] for k, v in feats.items()}, torch.from_numpy(y[lo:lo + 16]))
+    merged, whole = a.detector(ThresholdPolicy()).rule.arrays(), det_whole.rule.arrays()
+    for key in ("mean/a", "precision/a", "term_mean", "term_std"):
+        assert np.allclose(merged[key], whole[key], atol=1e-4), key
 
 
 def test_nan_and_constant_features_are_refused_naming_layer_and_class():
@@ -192,3 +192,29 @@ def test_out_of_range_prediction_is_refused():
     det, _, _ = _toy_fit("cosine-loi", folds=2)
     with pytest.raises(ValueError):
         det.score({"a": torch.ones(1, 3), "b": torch.ones(1, 3)}, torch.tensor([5]))
+
+
+def test_mahalanobis_has_one_threshold_cosine_one_per_class():
+    maha, _, _ = _toy_fit("mahalanobis", folds=2)
+    cos, _, _ = _toy_fit("cosine-loi", folds=2)
+    assert np.allclose(maha.thresholds, maha.thresholds[0]) and not maha.benign.per_class
+    assert cos.benign.per_class and not np.allclose(cos.thresholds, cos.thresholds[0])
+
+
+def test_references_are_scored_as_serving_scores_them_for_global_thresholds():
+    """A reference the model misreads is scored against the predicted class (as serving will score it) by
+    a rule with one threshold; rules with per-class thresholds keep each class's own images."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 20)
+    feats = {"a": torch.from_numpy(np.array([[4.0, 0, 0], [0, 4.0, 0]])[y] + rng.normal(size=(40, 3))).float()}
+    predicted = torch.from_numpy(y.copy())
+    predicted[0] = 1  # the model misreads one benign 0 as a 1
+    for rule, expect_scored_as in (("mahalanobis", predicted.numpy()), ("cosine-loi", y)):
+        spec = DetectorSpec(rule=rule, layer_names=("a",), num_classes=2, loi_search_start=0, penultimate="a",
+                            folds=2)
+        fitter = DetectorFitter(spec)
+        fitter.update(feats, torch.from_numpy(y))
+        fitter.fit()
+        fitter.update_out_of_fold(feats, torch.from_numpy(y), predicted)
+        det = fitter.detector(ThresholdPolicy())
+        assert sorted(det.benign.labels.tolist()) == sorted(expect_scored_as.tolist()), rule

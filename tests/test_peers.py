@@ -173,7 +173,7 @@ def _fake_results(root: Path) -> None:
     rng = np.random.default_rng(1)
     configs = [{"key": k, "label": label, "rule": k.split("/")[0], "options": {}, "folds": 5, "exclude_logits": False,
                 "tau": None, "policy": {"target_fpr": 0.01}}
-               for k, label in (("cosine-loi/paper", "cosine-loi, paper"), ("mahalanobis", "mahalanobis (all)"))]
+               for k, label in (("cosine-loi", "cosine-loi"), ("mahalanobis", "mahalanobis (all)"))]
     models = {}
     for name, attacked in (("clean", False), ("badnets", True), ("wanet", True)):
         peers = {n: summarise(rng.normal(size=50), rng.normal(size=80),
@@ -184,7 +184,7 @@ def _fake_results(root: Path) -> None:
             "target": 0, "zoo": {"clean_acc": 0.9, "asr": 0.99 if attacked else None}, "clean_acc_scored": 0.9,
             "reference_acc": 0.7, "asr_scored": 0.98 if attacked else None, "n_successful": 40 if attacked else 0,
             "n_benign": 80, "seconds": 3.0, "peers": peers,
-            "rules": {"cosine-loi/paper": _rule(rng, 0.5, 0.02, 0.9, attacked),
+            "rules": {"cosine-loi": _rule(rng, 0.5, 0.02, 0.9, attacked),
                       "mahalanobis": _rule(rng, 0.995 if name == "badnets" else 0.6, 0.012, 0.97, attacked)},
         }
     models["badnets"]["layer_diagnostic"] = {"layers": ["b1", "fc"], "cosine": [0.99, 0.6], "cosine_benign_n": 9,
@@ -226,11 +226,12 @@ def test_render_builds_the_page_from_json_only(tmp_path: Path) -> None:
     assert "it detects on average 79.8% of successful attacks at a delivered 1% FPR" in text  # (99.5 + 60) / 2
     assert "BadNets 99.5% at 1.20% (not met)" in text  # delivered FPR above 1%: the target is not met
     assert "WaNet 0.970 (met)" in text  # the stretch AUROC
-    assert "| **mahalanobis (all)** | 79.8 | 60.0 |" in text  # the decision table
+    assert "| **mahalanobis (all)** | 79.8 | 79.8 | 60.0 |" in text  # the decision table (all, CIFAR-10, lowest)
     assert "| BadNets | **mahalanobis (all)** | 0.970 | 99.5 | 1.20 |" in text  # model x rule
     assert "| BadNets | STRIP (N=20) | 21 |" in text  # peers at equal FPR
     assert "| BadNets | cosine (n benign 9) | **0.990** | **0.600** |" in text  # layer diagnostic
-    assert "| BadNets | 70.0 | 1.20 / 0.90 | 99.5 / 99.5 |" in text  # the threshold-source diagnostic
+    assert "| BadNets | 70.0 | 2.00 / 0.90 | 50.0 / 50.0 |" in text  # the threshold-source diagnostic (cosine)
+    assert "CIFAR-10 (reference accuracy 70.0%): 2.00% FPR and 50.0% TPR shipped" in text  # ... in the conclusion
     assert "Not evaluated (no trained weights when this ran): sig." in text
     assert "- TorchServe, small net, guarded vs plain .mar: throughput x0.900" in text  # one line per architecture
     assert "#### big net" in text and "throughput x0.990" in text

@@ -169,7 +169,7 @@ def test_figures_read_on_their_own(demo, tmp_path):
     from layerguard.tooling import report
 
     captured = []
-    real = report._figure_class()
+    real = report.figure_factory()
 
     def spy(**kwargs):
         fig = real(**kwargs)

@@ -84,6 +84,8 @@ class Detector:
                  benign: BenignScores, policy: ThresholdPolicy, sim_mean: np.ndarray, sim_std: np.ndarray,
                  counts: np.ndarray) -> None:
         self.spec = spec
+        self.layer_names: tuple[str, ...] = spec.layer_names
+        self.num_classes: int = spec.num_classes
         self.profile = profile
         self.rule = rule
         self.loi = np.asarray(loi, dtype=np.int64)
@@ -91,14 +93,6 @@ class Detector:
         self.sim_mean, self.sim_std, self.counts = sim_mean, sim_std, counts
         self._loi_t = torch.as_tensor(self.loi)
         self.set_policy(policy)
-
-    @property
-    def layer_names(self) -> tuple[str, ...]:
-        return self.spec.layer_names
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
 
     def set_policy(self, policy: ThresholdPolicy) -> None:
         """Threshold under another policy (serving's model-config.yaml override): no refit needed."""
@@ -170,7 +164,7 @@ class Detector:
         rule.load_arrays(group("rule/"))
         rule.to(device)
         cal = group("calibration/")
-        benign = BenignScores(cal["benign_scores"], cal["benign_labels"], spec.num_classes)
+        benign = BenignScores(cal["benign_scores"], cal["benign_labels"], spec.num_classes, rule.per_class_thresholds)
         return cls(spec, profile, rule, cal["loi"], benign, policy, cal["sim_mean"], cal["sim_std"], cal["counts"])
 
 
@@ -178,10 +172,11 @@ class DetectorFitter:
     """Fits a `Detector` from benign features in two streaming passes over the same references.
 
     Pass 1 (`update`): per-fold class sums of flattened features (the cosine profile) and the rule's own
-    statistics. `fit()` then builds, for each fold, the profile and rule from all other folds (one fold:
-    from all references, the paper's in-sample way). Pass 2 (`update_out_of_fold`): each reference is scored
-    by the models of the folds it was not in. `detector(policy)` finishes: layer of interest per class,
-    the rule's combination and the benign score statistics, all from out-of-fold values.
+    statistics, by true class. `fit()` then builds, for each fold, the profile and rule from all other folds
+    (one fold: from all references, the paper's in-sample way). Pass 2 (`update_out_of_fold`): each reference
+    is scored by the models of the folds it was not in, against the class the model predicts for it, as
+    serving scores. `detector(policy)` finishes: layer of interest per class, the rule's combination and the
+    benign score statistics, all from out-of-fold values.
     """
 
     def __init__(self, spec: DetectorSpec, class_names: list[str] | None = None) -> None:
@@ -261,31 +256,47 @@ class DetectorFitter:
         return CosineProfile.from_sums(self.spec.layer_names, sums, device), rule
 
     # ---- pass 2 ----
-    def update_out_of_fold(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
-        """Score one batch of the same references, in the same order as pass 1, with out-of-fold models."""
+    def update_out_of_fold(self, features: dict[str, torch.Tensor], labels: torch.Tensor,
+                           predicted: torch.Tensor | None = None) -> None:
+        """Score one batch of the same references, in the same order as pass 1, with out-of-fold models.
+
+        `predicted` (the model's classes for these references) makes the scores the ones serving would give,
+        for rules with one threshold for all classes: serving scores every input against the class the model
+        predicts, so a threshold inferred from scores against the true class would not deliver the asked
+        false-positive rate on a model that misreads some benign inputs. Rules with per-class thresholds
+        (the paper's) keep scoring each reference against its own class. The class similarity curves (and
+        so the layer of interest) are always by true class."""
         if not self._fold_models:
             raise RuntimeError("call fit() after the first pass")
         if self._oof_folds is None:
             self._oof_folds = FoldAssigner(self.spec.num_classes, self.spec.folds)
         labels = labels.to(torch.int64)
+        if predicted is None or self.spec.new_rule().per_class_thresholds:
+            # per-class thresholds are estimated from each class's own images: a few misread references of
+            # another class would inflate a small class's spread and disarm its threshold
+            predicted = labels
+        predicted = predicted.to(labels.device, torch.int64)
         folds = self._oof_folds.assign(labels.cpu().numpy())
         for f in np.unique(folds):
             rows = torch.from_numpy(np.nonzero(folds == f)[0])
             part = {n: t[rows.to(t.device)] for n, t in features.items()}
-            part_labels = labels[rows.to(labels.device)]
+            part_labels, part_pred = labels[rows.to(labels.device)], predicted[rows.to(predicted.device)]
             profile, rule = self._fold_models[f]
-            sims = profile.similarities(part, part_labels)
+            sims_true = profile.similarities(part, part_labels)
+            sims_pred = sims_true if torch.equal(part_labels, part_pred) else profile.similarities(part, part_pred)
             reduced = {n: rule.reduce(n, t) for n, t in part.items()}
-            terms = rule.terms(reduced, part_labels.to(sims.device), sims)
-            self._oof.append((sims.cpu().numpy(), terms.cpu().numpy(), part_labels.cpu().numpy()))
+            terms = rule.terms(reduced, part_pred.to(sims_pred.device), sims_pred)
+            self._oof.append((sims_true.cpu().numpy(), terms.cpu().numpy(), part_labels.cpu().numpy(),
+                              part_pred.cpu().numpy()))
 
     def detector(self, policy: ThresholdPolicy) -> Detector:
         """Infer the combination and thresholds from the out-of-fold results; return the fitted detector."""
         if not self._oof or self._full is None:
             raise RuntimeError("run both passes before asking for the detector")
-        sims = np.concatenate([s for s, _, _ in self._oof])
-        terms = np.concatenate([t for _, t, _ in self._oof])
-        labels = np.concatenate([y for _, _, y in self._oof])
+        sims = np.concatenate([part[0] for part in self._oof])
+        terms = np.concatenate([part[1] for part in self._oof])
+        labels = np.concatenate([part[2] for part in self._oof])
+        scored_as = np.concatenate([part[3] for part in self._oof])
         c, k = self.spec.num_classes, len(self.spec.layer_names)
         counts = np.bincount(labels, minlength=c)
         sim_mean = np.zeros((c, k))
@@ -297,11 +308,11 @@ class DetectorFitter:
         loi = np.array([layer_of_interest(sim_mean[cls], self.spec.loi_search_start) for cls in range(c)],
                        dtype=np.int64)
         profile, rule = self._full
-        rule.fit_combination(terms, labels, loi)
+        rule.fit_combination(terms, scored_as, loi)
         device = next(iter(profile.centroids.values())).device
         scores = rule.combine(torch.from_numpy(terms).to(device, torch.float32),
-                              torch.from_numpy(labels).to(device)).cpu().numpy()
-        benign = BenignScores(scores, labels, c)
+                              torch.from_numpy(scored_as).to(device)).cpu().numpy()
+        benign = BenignScores(scores, scored_as, c, rule.per_class_thresholds)
         return Detector(self.spec, profile, rule, loi, benign, policy, sim_mean, sim_std, counts)
 
 

@@ -1,8 +1,10 @@
 """Thresholds: the one place a score becomes a verdict.
 
 Every rule's score is "benign-likeness" (lower is more suspicious). Benign reference scores that were not
-used to fit the statistics (out-of-fold, see detector.py) are standardised per class, z = (s - mean_c) /
-std_c, and kept sorted. Then:
+used to fit the statistics (out-of-fold, see detector.py) are standardised, z = (s - mean_c) / std_c, and
+kept sorted: per class for rules whose scores differ in scale between classes (the paper's cosine sum),
+with one mean and std for all classes for rules whose scores are already comparable (Mahalanobis with a
+tied covariance), where per-class statistics of a few dozen references would only add noise. Then:
 - `tau` (the paper): flag when z < -tau, i.e. score < mean_c - tau * std_c, one threshold per class.
 - `target_fpr` (the default): flag when z is below the target quantile of the pooled out-of-fold z, so
   the share of benign references flagged is at most the target. Pooling across classes gives the quantile
@@ -62,14 +64,19 @@ class BenignScores:
     """What thresholds are inferred from: out-of-fold benign scores with their true classes. Keeps their
     per-class mean and std and all standardised values, sorted."""
 
-    def __init__(self, scores: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+    def __init__(self, scores: np.ndarray, labels: np.ndarray, num_classes: int, per_class: bool = True) -> None:
         self.scores = np.asarray(scores, dtype=np.float64)
         self.labels = np.asarray(labels, dtype=np.int64)
-        counts = np.bincount(self.labels, minlength=num_classes).astype(np.float64)
-        self.score_mean = np.bincount(self.labels, weights=self.scores, minlength=num_classes) / np.maximum(counts, 1)
-        centred = self.scores - self.score_mean[self.labels]
-        var = np.bincount(self.labels, weights=centred ** 2, minlength=num_classes) / np.maximum(counts, 1)
-        self.score_std = np.sqrt(var)  # population std, as the paper's numpy code
+        self.per_class = per_class
+        if per_class:
+            counts = np.maximum(np.bincount(self.labels, minlength=num_classes).astype(np.float64), 1.0)
+            self.score_mean = np.bincount(self.labels, weights=self.scores, minlength=num_classes) / counts
+            centred = self.scores - self.score_mean[self.labels]
+            var = np.bincount(self.labels, weights=centred ** 2, minlength=num_classes) / counts
+            self.score_std = np.sqrt(var)  # population std, as the paper's numpy code
+        else:  # one mean and std for all classes: the rule's scores are comparable across classes
+            self.score_mean = np.full(num_classes, self.scores.mean() if len(self.scores) else 0.0)
+            self.score_std = np.full(num_classes, self.scores.std() if len(self.scores) else 0.0)
         self.sorted_z = np.sort(self.standardize(self.scores, self.labels))
 
     def z_cut(self, policy: ThresholdPolicy) -> float:

@@ -20,6 +20,10 @@ from torch import nn
 
 from .mnist_model import MnistNet
 
+__all__ = ["IMAGE_SHAPE", "PATCH", "POISON_RATE", "TARGET_CLASS", "MnistSplits", "TrainReport", "apply_trigger",
+           "evaluate", "export_demo_data", "load_mnist_splits", "load_or_train", "mnist_csv_path", "to_tensor",
+           "train_backdoored_mnist"]
+
 TARGET_CLASS = 7
 PATCH = 4  # trigger side in pixels
 POISON_RATE = 0.1

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
+__all__ = ["MnistHandler"]
+
 
 class MnistHandler(BaseHandler):
     image_size = (28, 28)

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+__all__ = ["MnistNet"]
+
 
 class MnistNet(nn.Module):
     """Three conv stages and a two-layer head: L = 5 stages, each visible as a module for the hooks."""

@@ -39,6 +39,9 @@ from ..tooling.evaluation import DetectionQuality, ScoredSet, detection_quality,
 from ..tooling.summary import describe_calibration, format_class_table
 from . import mnist
 
+__all__ = ["DemoError", "LiveResult", "Server", "build_parser", "format_live_table", "guard", "live_counts", "main",
+           "pick_digits", "query_live", "score_offline", "start_server", "stop_server", "write_server_config"]
+
 DEMO_DIR = Path(__file__).resolve().parent
 REPO_ROOT = DEMO_DIR.parents[1]
 MODEL_NAME = "mnist"

@@ -99,10 +99,7 @@ def parse_policy(model_yaml_config: Mapping[str, Any] | None) -> ServingPolicy:
     if not isinstance(inner, str) or not inner.strip():
         raise PolicyError("model-config.yaml: handler.layerguard.inner_handler must name the model's own "
                           "handler (e.g. my_handler.py or my_handler.py:MyHandler)")
-    action = block.get("policy", "annotate")
-    if action not in ACTIONS:
-        raise PolicyError("model-config.yaml: handler.layerguard.policy must be one of "
-                          f"{', '.join(ACTIONS)}, got {action!r}")
+    action = _choice(block, "policy", ACTIONS)
     threshold = None
     if "tau" in block or "target_fpr" in block:
         try:
@@ -117,21 +114,24 @@ def parse_policy(model_yaml_config: Mapping[str, Any] | None) -> ServingPolicy:
     if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 499:
         raise PolicyError("model-config.yaml: handler.layerguard.reject_status must be a 4xx code, "
                           f"got {status!r}")
-    on_missing = block.get("on_missing_calibration", "refuse")
-    if on_missing not in ON_MISSING:
-        raise PolicyError("model-config.yaml: handler.layerguard.on_missing_calibration must be one of "
-                          f"{', '.join(ON_MISSING)}, got {on_missing!r}")
+    on_missing = _choice(block, "on_missing_calibration", ON_MISSING)
     pixels = block.get("max_image_pixels")
     if pixels is not None and (not isinstance(pixels, int) or isinstance(pixels, bool) or pixels < 1):
         raise PolicyError("model-config.yaml: handler.layerguard.max_image_pixels must be a positive integer "
                           f"(width x height), got {pixels!r}")
-    response = block.get("response", "full")
-    if response not in RESPONSES:
-        raise PolicyError("model-config.yaml: handler.layerguard.response must be one of "
-                          f"{', '.join(RESPONSES)}, got {response!r}")
+    response = _choice(block, "response", RESPONSES)
     return ServingPolicy(inner_handler=inner.strip(), action=action, threshold=threshold, artifact=artifact,
                          reject_status=status, on_missing_calibration=on_missing, max_image_pixels=pixels,
                          response=response)
+
+
+def _choice(block: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> str:
+    """The key's value, one of `allowed` (the first is the default)."""
+    value = block.get(key, allowed[0])
+    if value not in allowed:
+        raise PolicyError(f"model-config.yaml: handler.layerguard.{key} must be one of {', '.join(allowed)}, "
+                          f"got {value!r}")
+    return value
 
 
 def _number(block: Mapping[str, Any], key: str) -> float | None:

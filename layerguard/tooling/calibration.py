@@ -1,9 +1,10 @@
 """Calibration runs: two streaming passes of benign reference images through the model, fitting a detector.
 
 Pass 1 feeds every reference's features into the fitter's per-fold statistics. Pass 2 scores every
-reference with the statistics of the folds it was not in (k-fold cross-fitting, default 5 folds), and the
-thresholds come from those out-of-fold scores: no reference is lost, and none is scored by statistics it
-helped make. `folds=1` is the paper notebook's in-sample way.
+reference with the statistics of the folds it was not in (k-fold cross-fitting, default 5 folds), against
+the class the model predicts for it (as serving will), and the thresholds come from those out-of-fold
+scores: no reference is lost, and none is scored by statistics it helped make. `folds=1` is the paper
+notebook's in-sample way.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def calibrate(
             _require_counts(fitter.seen_per_class, config, names)
             fitter.fit(device)
             for x, labels in _iterate(batches, num_classes, device):
-                _, feats = capture.run(x)
-                fitter.update_out_of_fold(feats, labels)
+                out, feats = capture.run(x)
+                fitter.update_out_of_fold(feats, labels, _logits(out).argmax(dim=1))
                 if progress:
                     progress(len(labels))
         detector = fitter.detector(config.policy)
@@ -111,6 +112,13 @@ def calibrate(
         layerguard_version=__version__,
     )
     return CalibrationArtifact.from_detector(detector, meta)
+
+
+def _logits(output) -> torch.Tensor:
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise CalibrationError(f"layerguard needs the model to return [batch, classes] logits, got {shape}")
+    return output
 
 
 def _require_counts(seen: np.ndarray, config: CalibrationConfig, names: list[str]) -> None:

@@ -28,7 +28,8 @@ from ..core.thresholds import ThresholdPolicy
 from .evaluation import ScoredSet, attack_mask, auroc, roc_curve
 from .summary import CLASS_TABLE_HEAD, class_table_rows, describe_calibration
 
-__all__ = ["FIGURES", "INDEX", "ReportData", "ReportError", "TauPoint", "tau_sweep", "write_report"]
+__all__ = ["FIGURES", "INDEX", "Figure", "ReportData", "ReportError", "TauPoint", "figure_factory", "tau_sweep",
+           "write_report"]
 
 TAUS: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 MAX_PANELS = 25  # per-class small multiples beyond this are unreadable; the rest are listed in the table
@@ -40,7 +41,7 @@ class ReportError(RuntimeError):
     """The report cannot be written (most often: matplotlib is missing); the message says how to fix it."""
 
 
-def _figure_class() -> Any:
+def figure_factory() -> Any:
     """matplotlib's Figure, imported lazily: the extra is needed only for reports."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -107,7 +108,7 @@ class Figure:
 
 def write_report(out_dir: str | Path, data: ReportData) -> Path:
     """Write the PNGs and `index.html` into `out_dir` and return the HTML's path."""
-    make_figure = _figure_class()  # fail before any work when matplotlib is missing
+    make_figure = figure_factory()  # fail before any work when matplotlib is missing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = tau_sweep(data)

@@ -52,6 +52,7 @@ class ScoringRule(ABC):
     summary: ClassVar[str]  # one line: what the score is
     term_label: ClassVar[str]  # what each per-layer term is, for the report and the docs
     option_defaults: ClassVar[Mapping[str, Any]] = {}
+    per_class_thresholds: ClassVar[bool] = True  # False: scores are comparable across classes (one threshold)
 
     def __init__(self, layer_names: tuple[str, ...], num_classes: int, options: Mapping[str, Any] | None = None,
                  penultimate: str | None = None) -> None:

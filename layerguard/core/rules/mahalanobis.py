@@ -43,6 +43,7 @@ class MahalanobisRule(ScoringRule):
                "pooled features to the predicted class's mean")
     term_label = "Mahalanobis distance to the class mean (pooled features)"
     option_defaults = {"layers": "all", "reference": "predicted"}
+    per_class_thresholds = False  # one tied covariance and per-layer standardisation: one scale for all classes
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -3,7 +3,7 @@
 Why a fresh process per size: peak memory is a per-process high-water mark, so each size runs in its own
 subprocess that streams the images from a raw file in batches (no mmap, whose touched pages would count
 as resident and grow with N), resets the kernel's RSS high-water mark right before ``calibrate`` and reads
-it right after. Calibration is two streaming passes (centroids, then similarity statistics), so its memory
+it right after. Calibration is two streaming passes (per-fold statistics, then out-of-fold scores), so its memory
 should depend on the model and the batch size, not on the number of images.
 
 Usage:  .venv/bin/python bench/calibration_cost.py [--sizes 500,1000,2000,4000] [--data PATH]
@@ -29,9 +29,9 @@ if __package__ in (None, ""):
 from bench.benchutil import REPO_ROOT, command_line, log, machine_info, now_utc, rss_bytes, write_result  # noqa: E402
 from bench.data import default_data_path, load_cifar, to_tensor  # noqa: E402
 from bench.overhead import load_bench_model, peak_rss_bytes, reset_peak_rss  # noqa: E402
-from layerguard.calibration import CalibrationConfig, calibrate  # noqa: E402
-from layerguard.detector import ThresholdPolicy  # noqa: E402
-from layerguard.layers import default_plan, discover_layers  # noqa: E402
+from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
+from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
+from layerguard.tooling.calibration import CalibrationConfig, calibrate  # noqa: E402
 
 IMAGE_BYTES = 32 * 32 * 3
 
@@ -59,13 +59,13 @@ def stream(images: Path, labels: np.ndarray, batch: int):
     return batches
 
 
-def child(images: Path, labels_path: Path, batch: int, threads: int) -> dict[str, Any]:
+def child(images: Path, labels_path: Path, batch: int, threads: int, rule: str = DEFAULT_RULE) -> dict[str, Any]:
     """One calibration in this (fresh) process; RSS high-water mark over ``calibrate`` alone."""
     torch.set_num_threads(threads)
     model, source = load_bench_model("resnet20")
     labels = np.load(labels_path)
     plan = default_plan(discover_layers(model, torch.rand(2, 3, 32, 32)))
-    config = CalibrationConfig(policy=ThresholdPolicy(tau=2.5), holdout_fraction=0.5, min_per_class=10)
+    config = CalibrationConfig(rule=rule, min_per_class=10)  # as shipped: default policy, 5 cross-fitted folds
     rss_before = rss_bytes()
     reset = reset_peak_rss()
     t0 = time.perf_counter()
@@ -82,6 +82,8 @@ def child(images: Path, labels_path: Path, batch: int, threads: int) -> dict[str
         "peak_extra_mb": (peak - rss_before) / 2**20,
         "peak_is_calibration_only": reset,
         "weights": source,
+        "rule": artifact.meta.rule,
+        "folds": artifact.meta.folds,
         "layers": list(artifact.layer_names),
     }
 
@@ -92,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="500,1000,2000,4000")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rule", default=DEFAULT_RULE, help=f"scoring rule to calibrate (default {DEFAULT_RULE})")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--labels", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.labels, args.batch, args.threads)))
+        print(json.dumps(child(args.child, args.labels, args.batch, args.threads, args.rule)))
         return 0
 
     t_start = time.time()
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.batch),
                 "--threads",
                 str(args.threads),
+                "--rule",
+                args.rule,
             ]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO_ROOT)
             run = json.loads(res.stdout.strip().splitlines()[-1])
@@ -136,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "batch": args.batch,
         "model": "resnet20",
+        "rule": args.rule,
         "seconds": round(time.time() - t_start, 1),
         "runs": runs,
     }

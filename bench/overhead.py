@@ -50,11 +50,12 @@ from bench.benchutil import (  # noqa: E402
 from bench.data import default_data_path, load_cifar, to_tensor  # noqa: E402
 from bench.models import build_model  # noqa: E402
 from bench.peers import Mahalanobis, ScaleUp, Strip  # noqa: E402
-from layerguard.artifact import CalibrationArtifact  # noqa: E402
-from layerguard.calibration import CalibrationConfig, calibrate  # noqa: E402
-from layerguard.capture import LayerCapture  # noqa: E402
-from layerguard.detector import Detector, ThresholdPolicy  # noqa: E402
-from layerguard.layers import default_plan, discover_layers  # noqa: E402
+from layerguard.core.artifact import CalibrationArtifact  # noqa: E402
+from layerguard.core.capture import LayerCapture  # noqa: E402
+from layerguard.core.detector import Detector  # noqa: E402
+from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
+from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
+from layerguard.tooling.calibration import CalibrationConfig, calibrate  # noqa: E402
 
 WEIGHTS = REPO_ROOT / "bench" / "weights"
 ZOO_PREFERENCE = ("badnets", "blended", "wanet", "sig", "adapblend", "clean")
@@ -82,9 +83,10 @@ def load_bench_model(arch: str) -> tuple[torch.nn.Module, str]:
 
 
 def make_artifact(
-    model: torch.nn.Module, x: np.ndarray, y: np.ndarray, path: Path
+    model: torch.nn.Module, x: np.ndarray, y: np.ndarray, path: Path, rule: str = DEFAULT_RULE
 ) -> tuple[CalibrationArtifact, float]:
-    """Calibrate on the given images (tau 2.5, holdout 0.5) and save; returns (artifact, seconds)."""
+    """Calibrate on the given images as shipped (``rule``, default threshold policy and folds) and save;
+    returns (artifact, seconds)."""
     t0 = time.time()
     plan = default_plan(discover_layers(model, to_tensor(x[:2])))
 
@@ -92,25 +94,27 @@ def make_artifact(
         for i in range(0, len(x), 100):
             yield to_tensor(x[i : i + 100]), torch.from_numpy(y[i : i + 100])
 
-    artifact = calibrate(model, batches, plan, 10, CalibrationConfig(policy=ThresholdPolicy(tau=2.5)))
+    artifact = calibrate(model, batches, plan, 10, CalibrationConfig(rule=rule))
     artifact.save(path)
     return artifact, time.time() - t0
 
 
 class Guarded:
-    """What the serving handler does per batch: hooked forward, score, one JSON-ready note per item."""
+    """What the serving handler does per batch: a forward pass whose hooks reduce each monitored output to
+    what scoring needs (layerguard.serving.handler does the same), the verdicts, one JSON-ready note per item.
+    `compact` is the `response: compact` setting (no per-layer similarities or terms)."""
 
-    def __init__(self, model: torch.nn.Module, detector: Detector) -> None:
-        self.model, self.detector = model, detector
-        self.capture = LayerCapture(model, detector.layer_names)
+    def __init__(self, model: torch.nn.Module, detector: Detector, compact: bool = False) -> None:
+        self.model, self.detector, self.compact = model, detector, compact
+        self.capture = LayerCapture(model, detector.layer_names, reducer=detector.reducer(similarities=not compact))
         self.capture.attach()
 
     def __call__(self, x: torch.Tensor) -> list[dict]:
         self.capture.clear()
         with torch.no_grad():
             logits = self.model(x)
-        det = self.detector.score(self.capture.features(), logits.argmax(dim=1))
-        return det.items(self.detector.layer_names)
+        det = self.detector.score_reduced(self.capture.features(), logits.argmax(dim=1))
+        return det.items(self.detector.layer_names, self.detector.rule.term_layers, compact=self.compact)
 
 
 def plain_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -168,13 +172,14 @@ def latency_one(plain: torch.nn.Module, guarded: Guarded, x: torch.Tensor, repea
     """Plain vs guarded (and the scoring step alone) on one batch, interleaved, median of ``repeats``."""
     detector = guarded.detector
     guarded(x)
-    feats = {k: v.clone() for k, v in guarded.capture.features().items()}
+    reduced = dict(guarded.capture.features())  # what the hooks left: scoring from here is the rest of the cost
     with torch.no_grad():
         pred = plain(x).argmax(dim=1)
     forward = plain_forward(plain)
 
     def score_only() -> None:
-        detector.score(feats, pred).items(detector.layer_names)
+        detector.score_reduced(reduced, pred).items(detector.layer_names, detector.rule.term_layers,
+                                                    compact=guarded.compact)
 
     times = time_interleaved(
         {"plain": lambda: forward(x), "guarded": lambda: guarded(x), "score": score_only}, repeats, warmup
@@ -192,13 +197,15 @@ def latency(
     model: torch.nn.Module, detector: Detector, x_pool: np.ndarray, batches: tuple[int, ...], repeats: int, warmup: int
 ) -> dict[str, Any]:
     """``latency_one`` per batch size; the guarded model is a deep copy so the plain one carries no hooks."""
-    guarded = Guarded(copy.deepcopy(model), detector)
+    full, compact = Guarded(copy.deepcopy(model), detector), Guarded(copy.deepcopy(model), detector, compact=True)
     out: dict[str, Any] = {}
     # Inputs as a TorchServe handler's torch.stack makes them (contiguous NCHW), plus the largest batch in the
-    # channels_last layout, where every monitored output must be copied to NCHW order to be scored.
-    cases = [(str(b), b, torch.contiguous_format) for b in batches]
-    cases.append((f"{max(batches)}, channels_last", max(batches), torch.channels_last))
-    for key, b, layout in cases:
+    # channels_last layout; and every batch size again with `response: compact` (no per-layer detail, so the
+    # hooks skip the cosine profile).
+    cases = [(str(b), b, torch.contiguous_format, full) for b in batches]
+    cases.append((f"{max(batches)}, channels_last", max(batches), torch.channels_last, full))
+    cases += [(f"{b}, compact", b, torch.contiguous_format, compact) for b in batches]
+    for key, b, layout, guarded in cases:
         n = repeats * 4 if b == 1 else repeats  # batch 1 is cheap and its few-ms timings are the noisiest
         x = to_tensor(x_pool[:b]).contiguous(memory_format=layout)
         r = out[key] = latency_one(model, guarded, x, n, warmup)
@@ -207,7 +214,8 @@ def latency(
             f"ms (CPU time), added {100 * (r['cpu_ratio_of_medians'] - 1):+.1f}% (wall: "
             f"{100 * (r['wall_ratio_of_medians'] - 1):+.1f}%)"
         )
-    guarded.capture.detach()
+    full.capture.detach()
+    compact.capture.detach()
     return out
 
 
@@ -340,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-per-class", type=int, default=30, help="calibration images per class for the artifacts")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--models", default="resnet20,resnet18_cifar")
+    p.add_argument("--rule", default=DEFAULT_RULE, help=f"scoring rule of the guarded model (default {DEFAULT_RULE})")
     p.add_argument("--allocator", choices=("hold", "default"), default="hold",
                    help="hold: glibc keeps freed memory, so timings measure the work, not page faults (default); "
                    "default: glibc as it comes")
@@ -367,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         for arch in [m.strip() for m in args.models.split(",") if m.strip()]:
             model, source = load_bench_model(arch)
             path = Path(tmp) / f"{arch}.npz"
-            artifact, cal_s = make_artifact(model, x_cal, y_cal, path)
+            artifact, cal_s = make_artifact(model, x_cal, y_cal, path, args.rule)
             detector = artifact.detector()
             log(f"[{arch}] calibrated on {len(x_cal)} images in {cal_s:.0f}s; layers {artifact.layer_names}")
             entry: dict[str, Any] = {
@@ -375,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                 "weights": source,
                 "params": sum(p.numel() for p in model.parameters()),
                 "layers": list(artifact.layer_names),
-                "feature_dims": int(sum(c.shape[1] for c in artifact.centroids.values())),
+                "rule": artifact.meta.rule,
+                "policy": artifact.meta.threshold,
+                "feature_dims": int(sum(c.shape[1] for c in detector.profile.centroids.values())),
                 "artifact_bytes": path.stat().st_size,
                 "calibration_images": len(x_cal),
                 "latency": latency(model, detector, x_pool, (1, 32), args.repeats, args.warmup),

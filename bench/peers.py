@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerguard.capture import LayerCapture
+from layerguard.core.capture import LayerCapture
 
 
 def _chunks(x: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:

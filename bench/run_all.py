@@ -6,7 +6,7 @@ rebuilds the page from the JSON files already there (seconds), so the page and t
 disagree.
 
 Steps (each a subprocess, run one after another, never in parallel: parallel jobs would distort timings):
-  detection        bench/detection.py         detection quality, layerguard and peers, CIFAR-10 zoo
+  detection        bench/detection.py         detection quality per rule and peers, CIFAR-10 and GTSRB zoos
   overhead         bench/overhead.py          latency with/without layerguard, peers' cost, memory
   calibration_cost bench/calibration_cost.py  calibration throughput and peak memory vs. #images
   serving_load     bench/serving_load.py      TorchServe on 127.0.0.1, plain vs guarded .mar
@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -35,16 +37,11 @@ DOCS = REPO_ROOT / "docs"
 IMG = DOCS / "img"
 STEPS = ["detection", "overhead", "calibration_cost", "serving_load"]
 QUICK_ARGS = {
-    "detection": ["--n-benign", "300", "--n-scaleup", "100", "--n-strip", "50"],
+    "detection": ["--quick"],
     "overhead": ["--repeats", "10", "--peer-repeats", "3", "--calib-per-class", "12"],
     "calibration_cost": ["--sizes", "200,400"],
     "serving_load": ["--requests", "100", "--rounds", "1", "--warmup", "20", "--archs", "resnet20"],
 }
-# The paper's recorded figures (REFERENCE.md): CIFAR-10, ResNet-18, input-aware dynamic attack, 5 runs.
-PAPER = {"1.5": (99.87, 9.00), "2": (99.74, 3.42), "2.5": (99.46, 1.22), "3": (95.28, 0.24)}
-NO_LOGITS = "layerguard --exclude-logits"
-DETECTOR_ORDER = ["layerguard", NO_LOGITS, "Mahalanobis", "SCALE-UP", "STRIP"]
-LAYERGUARD_VARIANTS = ["layerguard", NO_LOGITS]
 ATTACK_LABEL = {"clean": "clean (no backdoor)", "badnets": "BadNets", "blended": "Blended", "wanet": "WaNet",
                 "sig": "SIG", "adapblend": "Adap-Blend"}
 
@@ -101,42 +98,480 @@ def provenance(res: dict[str, Any]) -> str:
             f"cores), torch {m.get('torch', '?')}, {res.get('seconds', 0):.0f} s")
 
 
+# ---- detection: the decision ----------------------------------------------------------------------------
+DATASET_KEYS = ["cifar10", "gtsrb"]
+PEERS = ["Mahalanobis (peer)", "SCALE-UP", "STRIP"]
+TARGET_ATTACKS = ["badnets", "blended", "sig"]  # TPR >= 99% at delivered FPR <= 1% is required on these
+STRETCH_ATTACKS = ["wanet", "adapblend"]  # AUROC >= 0.95 on these is the stretch goal
+FPR_TOLERANCE = 0.005  # delivered FPR within 0.5 points of the target
+
+
+def load_detection(results: Path) -> dict[str, dict[str, Any]]:
+    """{dataset: detection_<dataset>.json} for the datasets that have a result file."""
+    out = {}
+    for key in DATASET_KEYS:
+        d = load(results, f"detection_{key}")
+        if d and d.get("models"):
+            out[key] = d
+    return out
+
+
+def config_labels(dets: dict[str, dict[str, Any]]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for det in dets.values():
+        for c in det.get("configs", []):
+            labels.setdefault(c["key"], c["label"])
+    return labels
+
+
+def _ok(x: float | None) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def attacked(m: dict[str, Any]) -> bool:
+    """A backdoored model with successful attacks scored (the clean model has none)."""
+    return m.get("n_successful", 0) > 0
+
+
+def decide(dets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per rule configuration, over every backdoored model of every dataset: mean TPR at delivered 1% FPR,
+    mean AUROC, and how far the delivered FPR strays from its target on every model (clean included)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in config_labels(dets):
+        tpr1, tpr5, aucs, roc1, dev1, over1, dev5, n_models = [], [], [], [], [], [], [], 0
+        per_dataset: dict[str, list[float]] = {}
+        for dkey, det in dets.items():
+            for m in det["models"].values():
+                r = m["rules"].get(key)
+                if r is None:
+                    continue
+                n_models += 1
+                dev1.append(abs(r["target_fpr"]["0.01"]["fpr"] - 0.01))
+                over1.append(r["target_fpr"]["0.01"]["fpr"] - 0.01)
+                dev5.append(abs(r["target_fpr"]["0.05"]["fpr"] - 0.05))
+                if attacked(m):
+                    tpr1.append(r["target_fpr"]["0.01"]["tpr"])
+                    per_dataset.setdefault(dkey, []).append(r["target_fpr"]["0.01"]["tpr"])
+                    tpr5.append(r["target_fpr"]["0.05"]["tpr"])
+                    aucs.append(r["auroc"])
+                    roc1.append(r["roc_tpr_at_0.01"])
+        out[key] = {
+            "mean_tpr_1": float(np.mean(tpr1)) if tpr1 else float("nan"),
+            "mean_tpr_1_per_dataset": {k: float(np.mean(v)) for k, v in per_dataset.items()},
+            "min_tpr_1": float(np.min(tpr1)) if tpr1 else float("nan"),
+            "mean_tpr_5": float(np.mean(tpr5)) if tpr5 else float("nan"),
+            "mean_auroc": float(np.mean(aucs)) if aucs else float("nan"),
+            "mean_roc_tpr_1": float(np.mean(roc1)) if roc1 else float("nan"),
+            "max_dev_1": float(np.max(dev1)) if dev1 else float("nan"),
+            "max_over_1": float(np.max(over1)) if over1 else float("nan"),
+            "max_dev_5": float(np.max(dev5)) if dev5 else float("nan"),
+            "within_1": int(sum(d <= FPR_TOLERANCE + 1e-12 for d in dev1)),
+            "within_5": int(sum(d <= FPR_TOLERANCE + 1e-12 for d in dev5)),
+            "n_models": n_models,
+            "n_attacked": len(tpr1),
+        }
+    return out
+
+
+TPR_TIE = 0.01  # mean TPRs within 1 point are a tie: the simpler configuration wins
+DEFAULT_OPTIONS = {"layers": "all", "reference": "predicted"}
+
+
+def config_index(dets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {c["key"]: c for det in dets.values() for c in det.get("configs", [])}
+
+
+def complexity(cfg: dict[str, Any]) -> int:
+    """How far a configuration is from the library's plain defaults (options, window, folds, tau)."""
+    changed = sum(1 for k, v in (cfg.get("options") or {}).items() if DEFAULT_OPTIONS.get(k) != v)
+    window, folds, tau = bool(cfg.get("exclude_logits")), cfg.get("folds", 5) != 5, cfg.get("tau") is not None
+    return changed + int(window) + int(folds) + int(tau)
+
+
+def best_config(summary: dict[str, dict[str, Any]], configs: dict[str, dict[str, Any]] | None = None) -> str | None:
+    """The product's promise first: a rule qualifies when the FPR it delivers never exceeds the 1% asked for by
+    more than 0.5 points on any model (flagging less than asked costs detection, which the TPR counts). Among
+    those, the highest mean TPR at the delivered rate; means within 1 point are a tie, won by the configuration
+    closest to the plain defaults, then by mean AUROC."""
+    keys = [k for k, v in summary.items() if _ok(v["mean_tpr_1"])]
+    qualified = [k for k in keys if summary[k]["max_over_1"] <= FPR_TOLERANCE + 1e-12] or keys
+    if not qualified:
+        return None
+    top = max(summary[k]["mean_tpr_1"] for k in qualified)
+    near = [k for k in qualified if top - summary[k]["mean_tpr_1"] <= TPR_TIE]
+    configs = configs or {}
+    return min(near, key=lambda k: (complexity(configs.get(k, {})), -summary[k]["mean_auroc"]))
+
+
+def conclusion(dets: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The paragraph that states the decision and checks the targets, every number from the JSON."""
+    best = best_config(summary, config_index(dets))
+    if best is None:
+        return ["No backdoored model was evaluated, so no rule can be chosen yet.", ""]
+    labels = config_labels(dets)
+    s = summary[best]
+    ranked = sorted((k for k in summary if _ok(summary[k]["mean_tpr_1"])), key=lambda k: -summary[k]["mean_tpr_1"])
+    runner = next((k for k in ranked if k != best), None)
+    paper = summary.get("cosine-loi/paper")
+    text = ("The criterion, in order: the false-positive rate delivered on held-out benign images never exceeds the "
+            "1% asked for by more than 0.5 points on any model (the product's promise to the ops team); then the "
+            "highest mean TPR at the delivered rate, means within 1 point counting as a tie won by the configuration "
+            "closest to the plain defaults. ")
+    text += (f"**By measurement the best rule is `{labels[best]}`**: over the {s['n_attacked']} backdoored models "
+            f"of {' and '.join(dets[d]['dataset_label'] for d in dets)} it detects on average {pct(s['mean_tpr_1'])}% "
+            f"of successful attacks at a delivered 1% FPR (lowest {pct(s['min_tpr_1'])}%; {pct(s['mean_tpr_5'])}% "
+            f"at 5%), mean AUROC {num(s['mean_auroc'])}")
+    if runner:
+        r = summary[runner]
+        text += (f"; next best `{labels[runner]}` {pct(r['mean_tpr_1'])}% (AUROC {num(r['mean_auroc'])})")
+    if paper and best != "cosine-loi/paper":
+        text += (f"; the paper's rule as its notebook runs it (cosine-loi, 1 fold, tau 2.5) gets "
+                 f"{pct(paper['mean_tpr_1'])}% at 1% (AUROC {num(paper['mean_auroc'])})")
+    text += ". Targets, for that rule:"
+    parts = []
+    for det in dets.values():
+        checks = []
+        for a in TARGET_ATTACKS:
+            m = det["models"].get(a)
+            if m is None or not attacked(m):
+                checks.append(f"{ATTACK_LABEL[a]} not evaluated")
+                continue
+            r = m["rules"][best]["target_fpr"]["0.01"]
+            met = r["tpr"] >= 0.99 and r["fpr"] <= 0.01
+            checks.append(f"{ATTACK_LABEL[a]} {pct(r['tpr'])}% at {pct(r['fpr'], 2)}% "
+                          f"({'met' if met else 'not met'})")
+        parts.append(f"{det['dataset_label']}: " + ", ".join(checks))
+    text += " (1) TPR >= 99% at delivered FPR <= 1% on BadNets/Blended/SIG - " + "; ".join(parts) + "."
+    devs = []
+    for det in dets.values():
+        for a, m in det["models"].items():
+            f = m["rules"][best]["target_fpr"]["0.01"]["fpr"]
+            if abs(f - 0.01) > FPR_TOLERANCE + 1e-12:
+                devs.append(f"{det['dataset_label']} {ATTACK_LABEL.get(a, a)} {pct(f, 2)}%")
+    text += (f" (2) Delivered FPR within 0.5 points of the 1% target on every model: "
+             f"{'met' if not devs else 'not met'}, {s['within_1']} of {s['n_models']} models within "
+             f"(largest deviation {pct(s['max_dev_1'], 2)} points{'; off: ' + ', '.join(devs) if devs else ''}); "
+             f"at the 5% target {s['within_5']} of {s['n_models']} (largest deviation {pct(s['max_dev_5'], 2)} "
+             "points).")
+    stretch = []
+    for det in dets.values():
+        for a in STRETCH_ATTACKS:
+            m = det["models"].get(a)
+            if m is not None and attacked(m):
+                auc = m["rules"][best]["auroc"]
+                verdict = "met" if auc >= 0.95 else "not met"
+                stretch.append(f"{det['dataset_label']} {ATTACK_LABEL[a]} {num(auc)} ({verdict})")
+    text += (" (3) AUROC >= 0.95 on WaNet/Adap-Blend (stretch): " + (", ".join(stretch) if stretch else
+             "no such model evaluated") + ".")
+    text += " " + threshold_sentence(dets, summary, labels, best)
+    return [text, ""]
+
+
+def threshold_sentence(dets: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any]], labels: dict[str, str],
+                       best: str) -> str:
+    """Why the paper's cosine rule loses at a target FPR: its separation (oracle ROC) against the FPR its shipped
+    threshold delivers, and, per dataset, what a threshold from references scored by predicted class gives."""
+    key = "cosine-loi"
+    if key not in summary or key == best:
+        return ""
+    c, b = summary[key], summary[best]
+    text = (f"Separation alone (ROC TPR at exactly 1% FPR) is {pct(c['mean_roc_tpr_1'])}% on average for "
+            f"`{labels[key]}` against {pct(b['mean_roc_tpr_1'])}% for `{labels[best]}`.")
+    parts = []
+    for det in dets.values():
+        rows = [(m, m["rules"][key]) for m in det["models"].values()
+                if "target_fpr_by_predicted" in m["rules"].get(key, {})]
+        if not rows:
+            continue
+        acc = float(np.mean([m.get("reference_acc", float("nan")) for m, _ in rows]))
+        shipped = float(np.mean([r["target_fpr"]["0.01"]["fpr"] for _, r in rows]))
+        by_pred = float(np.mean([r["target_fpr_by_predicted"]["0.01"]["fpr"] for _, r in rows]))
+        tpr = [r["target_fpr"]["0.01"]["tpr"] for m, r in rows if attacked(m)]
+        tpr_pred = [r["target_fpr_by_predicted"]["0.01"]["tpr"] for m, r in rows if attacked(m)]
+        parts.append(f"{det['dataset_label']} (reference accuracy {pct(acc)}%): {pct(shipped, 2)}% FPR and "
+                     f"{pct(float(np.mean(tpr)) if tpr else None)}% TPR shipped, {pct(by_pred, 2)}% and "
+                     f"{pct(float(np.mean(tpr_pred)) if tpr_pred else None)}% by predicted class")
+    if parts:
+        text += (f" `{labels[key]}`'s 1% threshold is inferred from references scored against their true class, "
+                 "while serving scores inputs against their predicted class; the diagnostic tables below compare it "
+                 "with a threshold from the references scored by predicted class (in-sample): "
+                 + "; ".join(parts) + ".")
+    return text
+
+
+def rule_rows(det: dict[str, Any], labels: dict[str, str], best: str | None) -> list[list[str]]:
+    rows = []
+    for a, m in det["models"].items():
+        for key, r in m["rules"].items():
+            t1, t5, tau = r["target_fpr"]["0.01"], r["target_fpr"]["0.05"], r["tau"]["2.5"]
+            name = f"**{labels.get(key, key)}**" if key == best else labels.get(key, key)
+            rows.append([ATTACK_LABEL.get(a, a), name, num(r.get("auroc")), pct(t1["tpr"]), pct(t1["fpr"], 2),
+                         pct(t5["tpr"]), pct(t5["fpr"], 2), f"{pct(tau['tpr'])} / {pct(tau['fpr'], 2)}"])
+    return rows
+
+
+def peer_rows(det: dict[str, Any], labels: dict[str, str], shown: list[str]) -> list[list[str]]:
+    rows = []
+    for a, m in det["models"].items():
+        for key in shown:
+            r = m["rules"].get(key)
+            if r is None:
+                continue
+            t1, t5 = r["target_fpr"]["0.01"], r["target_fpr"]["0.05"]
+            rows.append([ATTACK_LABEL.get(a, a), f"layerguard: {labels.get(key, key)}", "1", num(r.get("auroc")),
+                         pct(t1["fpr"]), pct(t1["tpr"]), pct(t5["fpr"]), pct(t5["tpr"]),
+                         pct(r.get("roc_tpr_at_0.01")), pct(r.get("roc_tpr_at_0.05")),
+                         f"{m['n_benign']} / {m['n_successful']}"])
+        for name in PEERS:
+            d = m["peers"].get(name)
+            if d is None:
+                continue
+            r1, r5 = d["ref_fpr_0.01"], d["ref_fpr_0.05"]
+            label = name + (f" (N={d['n']})" if "n" in d else "")
+            rows.append([ATTACK_LABEL.get(a, a), label, str(d["forward_passes"]), num(d.get("auroc")),
+                         pct(r1["fpr"]), pct(r1["tpr"]), pct(r5["fpr"]), pct(r5["tpr"]),
+                         pct(d.get("roc_tpr_at_0.01")), pct(d.get("roc_tpr_at_0.05")),
+                         f"{d['n_benign']} / {d['n_attacks']}"])
+    return rows
+
+
+def dataset_section(key: str, det: dict[str, Any], best: str | None, labels: dict[str, str],
+                    images: dict[str, str]) -> list[str]:
+    p = det["protocol"]
+    models = det["models"]
+    code = det.get("code") or {}
+    lib = (f" Library: layerguard at commit {code.get('commit') or '?'}"
+           f"{' with uncommitted edits' if code.get('layerguard_uncommitted_edits') else ''} (sources sha256 "
+           f"{str(code.get('layerguard_sources_sha256', '?'))[:12]}).") if code else ""
+    lines = [f"### {det['dataset_label']}", "", f"Made by {provenance(det)}.{lib}", ""]
+    if det.get("quick"):
+        lines += ["**Quick mode (`--quick`): one model, few images; a smoke test, not the reported numbers.**", ""]
+    lines += [f"Reference images: {p['reference']} of the test split ({det.get('data')}, seed {p['seed']}), never "
+              f"scored. Scored per model: {p['n_benign']} held-out benign test images and {p['n_poison']} triggered "
+              "test images whose true label is not the target; TPR counts the successful attacks among them. "
+              f"Peers: SCALE-UP scores the first {p['n_scaleup']} benign and triggered images, STRIP (N = "
+              f"{p['strip_n']}) the first {p['n_strip']} (and {p['n_strip']} reference images), because they cost 6 "
+              f"and {p['strip_n'] + 1} forward passes an input.", ""]
+    missing = [a for a in det.get("missing", []) if a not in models]
+    if missing:
+        lines += [f"Not evaluated (no trained weights when this ran): {', '.join(missing)}.", ""]
+    rows = []
+    for a, m in models.items():
+        z = m.get("zoo", {})
+        rows.append([ATTACK_LABEL.get(a, a), str(m["target"]) if attacked(m) or a != "clean" else "-",
+                     pct(z.get("clean_acc")), pct(z.get("asr")), pct(m["clean_acc_scored"]), pct(m.get("asr_scored")),
+                     str(m["n_successful"]), f"{m['seconds']:.0f}"])
+    lines += table(["model", "target", "clean acc % (test)", "ASR % (test)", "clean acc % (scored)",
+                    "ASR % (scored)", "successful attacks scored", "seconds"], rows)
+    lines += ["", "Clean accuracy and ASR of the first two columns come from the model's json (bench/train.py); "
+              "\"scored\" ones from the images this benchmark scored.", ""]
+    lines += [f"#### Rules ({det['dataset_label']})", ""]
+    lines += table(["model", "rule", "AUROC", "TPR @1%", "delivered FPR @1%", "TPR @5%", "delivered FPR @5%",
+                    "tau 2.5: TPR / FPR"], rule_rows(det, labels, best))
+    lines += ["", "All rates in %. \"@1%\" / \"@5%\": the threshold policy `target_fpr` 0.01 / 0.05, inferred from "
+              "the rule's cross-fitted reference scores (`detector.benign.thresholds(policy)`); TPR over successful "
+              "attacks and the FPR it delivers over the held-out benign images. The paper-notebook row's "
+              "reference scores are in-sample (1 fold), so its target-FPR thresholds are optimistic. AUROC is over "
+              "the per-class standardised score that every threshold cuts. The clean model's rows show only the "
+              "FPR. Bold: the rule chosen below.", ""]
+    shown = [k for k in dict.fromkeys([best, "cosine-loi/paper"]) if k]
+    lines += [f"#### Peers at equal FPR ({det['dataset_label']})", ""]
+    lines += ["Each peer's threshold is the 1% (5%) quantile of its scores on the reference images (the penultimate "
+              "Mahalanobis peer's are out-of-fold, 5 folds), the same target the layerguard rows use; the FPR "
+              "it then delivers on the held-out benign images is shown next to the TPR. \"ROC TPR\" reads the TPR "
+              "off the scored ROC at exactly 1% (5%) FPR (an oracle threshold: like-for-like at equal FPR).", ""]
+    lines += table(["model", "detector", "passes / input", "AUROC", "@1%: FPR", "@1%: TPR", "@5%: FPR", "@5%: TPR",
+                    "ROC TPR @1%", "ROC TPR @5%", "benign / attacks scored"], peer_rows(det, labels, shown))
+    lines += ["", "All rates in %. Mahalanobis (peer) is bench/peers.py's single-layer detector on the pooled "
+              "penultimate features (covariance shrunk 10% towards its diagonal, squared distance to the predicted "
+              "class's mean), not layerguard's `mahalanobis` rule. SCALE-UP's score takes few distinct values, so "
+              "its delivered FPR can sit well below the target.", ""]
+    lines += threshold_diagnostic(det, labels)
+    diag = {a: m["layer_diagnostic"] for a, m in models.items() if m.get("layer_diagnostic")}
+    if diag:
+        layers = next(iter(diag.values()))["layers"]
+        lines += [f"#### Which monitored layer separates the attacks ({det['dataset_label']}, diagnostic)", "",
+                  "Per layer, AUROC of successful attacks against benign images of one term alone: the cosine "
+                  "similarity to the target class's centroid (benign: scored images predicted as the target; **bold** "
+                  "= the paper's window LOI-2..LOI for the target class) and the Mahalanobis distance to the "
+                  "predicted class's mean (benign: all scored images).", ""]
+        rows = []
+        for a, d in diag.items():
+            window = set(d.get("window_target", []))
+            rows.append([ATTACK_LABEL.get(a, a), f"cosine (n benign {d['cosine_benign_n']})",
+                         *[f"**{num(v)}**" if n in window else num(v) for n, v in zip(d["layers"], d["cosine"])]])
+            by_layer = dict(zip(d["mahalanobis_layers"], d["mahalanobis"]))
+            rows.append([ATTACK_LABEL.get(a, a), "mahalanobis", *[num(by_layer.get(n)) for n in layers]])
+        lines += table(["model", "term", *layers], rows)
+        lines += [""]
+    if images.get("roc"):
+        lines += [f"![ROC per model, {det['dataset_label']}]({images['roc']})", "",
+                  f"ROC per backdoored model ({det['dataset_label']}): TPR over successful attacks against FPR over "
+                  "held-out benign images, log FPR axis; solid lines layerguard's rule configurations, dashed the "
+                  "peers; AUROC in the legend order is in the tables above.", ""]
+    if images.get("fpr"):
+        lines += [f"![Delivered FPR, {det['dataset_label']}]({images['fpr']})", "",
+                  "Delivered FPR on held-out benign images for the 1% and 5% targets, per model and rule; the "
+                  "shaded band is the target +- 0.5 points.", ""]
+    return lines
+
+
+def threshold_diagnostic(det: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """Shipped thresholds (cross-fitted, references scored against their true class) against thresholds
+    inferred from the references scored against their predicted class, as serving scores every input."""
+    keys = [k for k in ("cosine-loi",) if any(k in m["rules"] for m in det["models"].values())]
+    models = {a: m for a, m in det["models"].items()
+              if all("target_fpr_by_predicted" in m["rules"].get(k, {}) for k in keys)}
+    if not models:
+        return []
+    rows = []
+    for a, m in models.items():
+        cells = []
+        for k in keys:
+            r = m["rules"][k]
+            shipped, pred = r["target_fpr"]["0.01"], r["target_fpr_by_predicted"]["0.01"]
+            cells.append(f"{pct(shipped['fpr'], 2)} / {pct(pred['fpr'], 2)}")
+            cells.append(f"{pct(shipped['tpr'])} / {pct(pred['tpr'])}")
+        rows.append([ATTACK_LABEL.get(a, a), pct(m.get("reference_acc")), *cells])
+    header = ["model", "reference accuracy %"]
+    for k in keys:
+        header += [f"{labels.get(k, k)}: FPR @1%", f"{labels.get(k, k)}: TPR @1%"]
+    lines = [f"#### Where the threshold comes from ({det['dataset_label']}, diagnostic)", "",
+             "Calibration scores each reference image against its *true* class; serving scores every input "
+             "against its *predicted* class. On a model that misclassifies many benign images the two differ. "
+             "Each cell: the shipped threshold (cross-fitted, true class) / a threshold from the same references "
+             "scored against their predicted class by the final detector, both at target FPR 1%, measured on the "
+             "held-out images; in %. The second is in-sample and groups references by predicted class, so a class "
+             "with few references (GTSRB's class 0 has 20) gets noisy statistics; for the Mahalanobis rules, which "
+             "fit their statistics on the references, in-sample scores are optimistic, so they are not shown.", ""]
+    lines += table(header, rows)
+    return lines + [""]
+
+
+def detection_section(dets: dict[str, dict[str, Any]], docs: Path) -> list[str]:
+    labels = config_labels(dets)
+    summary = decide(dets)
+    best = best_config(summary, config_index(dets))
+    configs = next(iter(dets.values())).get("configs", [])
+    lines = ["## Detection quality: which rule is the default", ""]
+    lines += ["Every rule configuration is calibrated with `layerguard.tooling.calibration.calibrate`, exactly as "
+              "shipped, on benign reference images the model never trained on, and scored on other held-out test "
+              "images (bench/detection.py). Configurations compared:", ""]
+    for c in configs:
+        opts = ", ".join(f"{k}={v}" for k, v in c["options"].items()) or "-"
+        window = "monitored window without the logits (`--exclude-logits`)" if c["exclude_logits"] else \
+            "the method's default window (layers L/2-1 .. L, logits included)"
+        pol = f"tau {c['policy']['tau']}" if "tau" in c["policy"] else f"target FPR {c['policy']['target_fpr']:g}"
+        lines.append(f"- `{c['label']}`: rule `{c['rule']}` (options {opts}), {c['folds']} fold(s), {window}; "
+                     f"calibrated with {pol}.")
+    lines += ["", "Whatever the calibration policy, every row is evaluated at the same three thresholds, all derived "
+              "from the rule's reference scores without refitting: target FPR 1%, target FPR 5%, tau 2.5.", ""]
+    lines += ["### Decision", ""]
+    lines += conclusion(dets, summary)
+    rows = []
+    for key, s in sorted(summary.items(), key=lambda kv: -kv[1]["mean_tpr_1"] if _ok(kv[1]["mean_tpr_1"]) else 1):
+        name = f"**{labels[key]}**" if key == best else labels[key]
+        rows.append([name, pct(s["mean_tpr_1"]), *[pct(s["mean_tpr_1_per_dataset"].get(d)) for d in dets],
+                     pct(s["min_tpr_1"]), pct(s["mean_tpr_5"]), pct(s["mean_roc_tpr_1"]),
+                     num(s["mean_auroc"]),
+                     f"{s['within_1']} / {s['n_models']}", pct(s["max_dev_1"], 2), f"{s['within_5']} / {s['n_models']}",
+                     pct(s["max_dev_5"], 2)])
+    lines += table(["rule", "mean TPR @1%", *[f"mean TPR @1%, {d['dataset_label']}" for d in dets.values()],
+                    "lowest TPR @1%", "mean TPR @5%", "mean ROC TPR @1% (oracle)", "mean AUROC",
+                    "FPR within 0.5 pt of 1%", "largest deviation (pt)", "FPR within 0.5 pt of 5%",
+                    "largest deviation (pt)"], rows)
+    lines += ["", "Over every backdoored model of every dataset below (means of per-model rates); FPR deviations over "
+              "every model, the clean ones included. Sorted by mean TPR at a delivered 1% FPR, the criterion. "
+              "\"ROC TPR @1% (oracle)\" is the TPR at exactly 1% FPR on the held-out images, what a perfectly "
+              "calibrated threshold would give: the rule's separation alone, without its threshold's error.", ""]
+    for key, det in dets.items():
+        images = {}
+        if plot_roc(det, labels, docs / "img" / f"detection_roc_{key}.png"):
+            images["roc"] = f"img/detection_roc_{key}.png"
+        if plot_fpr(det, labels, docs / "img" / f"detection_fpr_{key}.png"):
+            images["fpr"] = f"img/detection_fpr_{key}.png"
+        lines += dataset_section(key, det, best, labels, images)
+    return lines
+
+
 # ---- plots --------------------------------------------------------------------------------------------
-def plot_roc(det: dict[str, Any], path: Path) -> bool:
-    """One panel per attack: TPR vs FPR (log x) for every detector, from the ROC grid in detection.json."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attacks = [a for a, m in det["models"].items() if any("roc" in d for d in m["detectors"].values())]
-    if not attacks:
+    return plt
+
+
+def plot_roc(det: dict[str, Any], labels: dict[str, str], path: Path) -> bool:
+    """One panel per backdoored model: TPR vs FPR (%, log x) of every rule configuration and every peer."""
+    plt = _pyplot()
+    models = [a for a, m in det["models"].items() if attacked(m)]
+    if not models:
         return False
-    ncols = min(3, len(attacks))
-    nrows = math.ceil(len(attacks) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.2 * nrows), squeeze=False)
-    for ax in axes.flat[len(attacks):]:
+    ncols = min(3, len(models))
+    nrows = math.ceil(len(models) / ncols)
+    height = 3.3 * nrows + 1.2  # inches: the panels, plus the legend strip below them and the title above
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols, height), squeeze=False)
+    for ax in axes.flat[len(models):]:
         ax.set_visible(False)
-    for ax, a in zip(axes.flat, attacks):
-        for name in DETECTOR_ORDER:
-            d = det["models"][a]["detectors"].get(name)
-            if d and "roc" in d:
-                fpr = [max(f, 1e-3) for f in d["roc"]["fpr"]]
-                ax.step(fpr, d["roc"]["tpr"], where="post", label=f"{name} ({d['auroc']:.3f})")
-        lg = det["models"][a]["detectors"]["layerguard"]
-        for t, r in lg.get("tau", {}).items():
-            ax.plot(max(r["fpr"], 1e-3), r["tpr"], "k.", ms=5)
-            ax.annotate(f"τ{t}", (max(r["fpr"], 1e-3), r["tpr"]), fontsize=6, xytext=(2, -8),
-                        textcoords="offset points")
+    colours = plt.get_cmap("tab10").colors
+    handles = {}
+    for ax, a in zip(axes.flat, models):
+        m = det["models"][a]
+        curves = [(labels.get(k, k), r, "-", colours[i % 10]) for i, (k, r) in enumerate(m["rules"].items())]
+        curves += [(n, m["peers"][n], "--", colours[(7 + i) % 10]) for i, n in enumerate(PEERS) if n in m["peers"]]
+        for name, r, style, colour in curves:
+            if "roc" not in r:
+                continue
+            fpr = [100 * max(f, 1e-3) for f in r["roc"]["fpr"]]
+            (h,) = ax.step(fpr, [100 * t for t in r["roc"]["tpr"]], where="post", ls=style, color=colour, lw=1.2)
+            handles.setdefault(name, h)
+        ax.axvline(1.0, color="grey", lw=0.6, ls=":")
         ax.set_xscale("log")
-        ax.set_xlim(1e-3, 1)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(ATTACK_LABEL.get(a, a), fontsize=9)
-        ax.set_xlabel("FPR (benign scored)", fontsize=8)
+        ax.set_xlim(0.1, 100)
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"{ATTACK_LABEL.get(a, a)} ({m['n_successful']} attacks, {m['n_benign']} benign)", fontsize=9)
+        ax.set_xlabel("FPR on held-out benign images (%, log scale)", fontsize=8)
+        ax.set_ylabel("TPR on successful attacks (%)", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, loc="lower right", title="AUROC", title_fontsize=6)
-    for row in axes:
-        row[0].set_ylabel("TPR (successful attacks)", fontsize=8)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(f"{det['dataset_label']}: ROC per model (dotted line: 1% FPR)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.85 / height, 1, 1 - 0.3 / height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_fpr(det: dict[str, Any], labels: dict[str, str], path: Path) -> bool:
+    """Delivered FPR (%) per model and rule for the 1% and 5% targets, with the +-0.5 point band."""
+    plt = _pyplot()
+    models = list(det["models"])
+    keys = list(dict.fromkeys(k for m in det["models"].values() for k in m["rules"]))
+    if not models or not keys:
+        return False
+    colours = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(keys)
+    for ax, q in zip(axes, ("0.01", "0.05")):
+        target = 100 * float(q)
+        ax.axhspan(target - 0.5, target + 0.5, color="green", alpha=0.12, label="target +- 0.5 pt")
+        ax.axhline(target, color="green", lw=0.8)
+        for i, k in enumerate(keys):
+            vals = [100 * det["models"][a]["rules"][k]["target_fpr"][q]["fpr"] if k in det["models"][a]["rules"]
+                    else float("nan") for a in models]
+            ax.bar(np.arange(len(models)) + (i - (len(keys) - 1) / 2) * width, vals, width, color=colours[i % 10],
+                   label=labels.get(k, k))
+        ax.set_xticks(np.arange(len(models)), ["clean" if a == "clean" else ATTACK_LABEL.get(a, a) for a in models],
+                      fontsize=7)
+        ax.set_ylabel("delivered FPR on held-out benign images (%)", fontsize=8)
+        ax.set_xlabel("model", fontsize=8)
+        ax.set_title(f"target FPR {target:g}%", fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"{det['dataset_label']}: FPR each threshold delivers", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -174,145 +609,12 @@ def plot_calibration(cal: dict[str, Any], path: Path) -> bool:
 
 
 # ---- the page -----------------------------------------------------------------------------------------
-def detection_section(det: dict[str, Any], img_ok: bool) -> list[str]:
-    p = det["protocol"]
-    models = det["models"]
-    lines = ["## Detection quality", "", f"Made by {provenance(det)}.", ""]
-    lines += [
-        f"Protocol: the 10,000 CIFAR-10 test images ({det.get('data')}) are split with seed {p['seed']}: "
-        f"{p['reference_per_class']} reference images a class (calibration, and every peer's benign statistics) "
-        f"are never scored; of the rest a fixed random subset of {p['n_benign']} benign images is scored, and "
-        "the same images with the trigger are the attacks. TPR counts successful attacks only (triggered, "
-        f"predicted as the target {p['target']}, true label not {p['target']}); FPR counts all scored benign "
-        f"images. layerguard is calibrated as shipped ({p['calibration']}). SCALE-UP scores the first "
-        f"{p['n_scaleup']} of the subset (benign and triggered), STRIP (N = {p['strip_n']}) the first "
-        f"{p['n_strip']}, because they cost 6 and {p['strip_n'] + 1} forward passes an input.",
-        "",
-    ]
-    lines += [
-        "Detectors (all score lower = more suspicious; bench/peers.py):",
-        "",
-        "- **layerguard**: the shipped detector; for ROC/AUROC and the reference-quantile thresholds its score is "
-        "standardised per predicted class, z = (score - mean_c) / std_c, so one threshold works across classes "
-        "(tau rows are z < -tau). Its reference quantiles use the threshold half of the reference set only.",
-        "- **Mahalanobis** (Lee et al. 2018): penultimate (pooled, 64-d) features of the same forward pass; class "
-        "means and a shared covariance (shrunk 10% towards its diagonal) fitted on the reference images; score = "
-        "minus the squared distance to the predicted class's mean.",
-        "- **SCALE-UP** (Guo et al. 2023): pixel values times 3, 5, 7, 9, 11 (clipped); SPC = share of scaled "
-        "copies predicted as the original; standardised by the benign SPC mean/std of the predicted class "
-        "(the data-limited variant).",
-        "- **STRIP** (Gao et al. 2019): the input superimposed with N reference images as in the authors' code "
-        "(`addWeighted(x, 1, clean, 1)`, clipped); score = mean prediction entropy.",
-        "",
-    ]
-    missing = [a for a in ("clean", "badnets", "blended", "wanet", "sig", "adapblend") if a not in models]
-    missing += [a for a in det.get("missing", []) if a not in missing and a not in models]
-    if missing:
-        lines += [f"Not evaluated (no trained weights when this ran): {', '.join(missing)}.", ""]
-    rows = []
-    for a, m in models.items():
-        z = m.get("zoo", {})
-        rows.append([ATTACK_LABEL.get(a, a), pct(z.get("clean_acc")), pct(z.get("asr")),
-                     pct(m["clean_acc_scored"]), pct(m.get("asr_scored")), str(m["n_successful"])])
-    lines += ["### Models", ""]
-    lines += table(["model", "clean acc % (10k test)", "ASR % (9k test)", "clean acc % (scored)",
-                    "ASR % (scored)", "successful attacks scored"], rows)
-    lines += ["", "Clean accuracy and ASR of the first two columns come from bench/weights/<attack>.json "
-              "(bench/train.py); an attack whose ASR is low gives few successful attacks to detect, and its TPR "
-              "rows rest on that many images."]
-    accs = [m["clean_acc_scored"] for m in models.values()]
-    if accs and max(accs) < 0.85:
-        lines += [f"These models are small and briefly trained (clean accuracy {pct(min(accs))}-{pct(max(accs))}% "
-                  "on the scored images; the paper's ResNet-18 is above 90%). With roughly a third of benign inputs "
-                  "misclassified, many benign inputs also sit far from their predicted class's centroids, which "
-                  "crowds the low-score tail that layerguard (and every feature-space detector) thresholds; read the "
-                  "numbers below with that in mind."]
-    lines += [""]
-
-    # layerguard at tau and at target FPR
-    lines += ["### layerguard: TPR / FPR (%) at each tau and at a target FPR", ""]
-    hdr = ["model"] + [f"tau {t}" for t in PAPER] + ["target FPR 1%", "target FPR 5%", "AUROC"]
-    hdr.insert(1, "calibration")
-    rows = []
-    for a, m in models.items():
-        for variant in LAYERGUARD_VARIANTS:
-            lg = m["detectors"].get(variant)
-            if lg is None:
-                continue
-            cells = [f"{pct(lg['tau'][t]['tpr'])} / {pct(lg['tau'][t]['fpr'])}" for t in PAPER]
-            cells += [f"{pct(lg['policy_target_fpr'][q]['tpr'])} / {pct(lg['policy_target_fpr'][q]['fpr'])}"
-                      for q in ("0.01", "0.05")]
-            label = "default" if variant == "layerguard" else "`--exclude-logits`"
-            rows.append([ATTACK_LABEL.get(a, a), label, *cells, num(lg.get("auroc"))])
-    rows.append(["**paper** (ResNet-18, input-aware dynamic, 5 runs)", "default",
-                 *[f"{PAPER[t][0]:.2f} / {PAPER[t][1]:.2f}" for t in PAPER], "n/a", "n/a", "n/a"])
-    lines += table(hdr, rows)
-    lines += ["", "Cells are TPR / FPR in %. Tau rows flag score < mean_c - tau * std_c of the predicted class "
-              "c; the target-FPR columns use the artifact's per-class score histograms "
-              "(`ThresholdPolicy(target_fpr=...)`). The paper's anchor (TPR 99.46% at FPR 1.22%, tau 2.5) is a "
-              "different attack and model, so it is a reference point, not a like-for-like comparison.", ""]
-
-    # peers at equal FPR
-    lines += ["### All detectors at equal FPR", ""]
-    lines += ["Threshold = the 1% (5%) quantile of each detector's scores on reference benign images; the FPR it "
-              "then gets on the scored benign images is shown next to the TPR. \"ROC TPR\" reads the TPR off "
-              "the scored ROC at exactly 1% (5%) FPR (an oracle threshold, the fairest like-for-like number).", ""]
-    hdr = ["model", "detector", "passes / input", "AUROC", "@1%: FPR", "@1%: TPR", "@5%: FPR", "@5%: TPR",
-           "ROC TPR @1%", "ROC TPR @5%", "benign / attacks scored"]
-    rows = []
-    for a, m in models.items():
-        for name in DETECTOR_ORDER:
-            d = m["detectors"].get(name)
-            if d is None:
-                continue
-            r1, r5 = d["ref_fpr_0.01"], d["ref_fpr_0.05"]
-            label = name + (f" (N={d['n']})" if "n" in d else "")
-            rows.append([ATTACK_LABEL.get(a, a), label, str(d["forward_passes"]), num(d.get("auroc")),
-                         pct(r1["fpr"]), pct(r1["tpr"]), pct(r5["fpr"]), pct(r5["tpr"]),
-                         pct(d.get("roc_tpr_at_0.01")), pct(d.get("roc_tpr_at_0.05")),
-                         f"{d['n_benign']} / {d['n_attacks']}"])
-    lines += table(hdr, rows)
-    lines += ["", "All rates in %. The clean model has no trigger: its rows show only the false-positive rate a "
-              "detector costs on a model that is not backdoored. SCALE-UP's score takes few distinct values, "
-              "so its measured FPR can sit well below the target.", ""]
-    with_layers = {a: m["detectors"]["layerguard"] for a, m in models.items()
-                   if "layer_auroc" in m["detectors"]["layerguard"]}
-    if with_layers:
-        layers = list(next(iter(with_layers.values()))["layer_auroc"])
-        lines += ["### Which monitored layer separates the attacks (diagnostic)", "",
-                  "AUROC of one layer's cosine similarity (to the target class's centroid) between successful "
-                  "attacks and benign images predicted as the target; **bold** = the layers in layerguard's score "
-                  "window for the target class (LOI-2..LOI).", ""]
-        rows = []
-        for a, lg in with_layers.items():
-            window = set(lg.get("window_target", []))
-            rows.append([ATTACK_LABEL.get(a, a), *[(f"**{num(lg['layer_auroc'].get(n))}**" if n in window
-                                                    else num(lg["layer_auroc"].get(n))) for n in layers]])
-        lines += table(["model", *layers], rows)
-        lines += [""]
-        spread_rows = []
-        for a, lg in with_layers.items():
-            spread = lg.get("layer_spread") or {}
-            if spread:
-                spread_rows.append([ATTACK_LABEL.get(a, a), *[spread_cell(spread.get(n)) for n in layers]])
-        if spread_rows:
-            lines += ["Per layer, how far below the benign mean the successful attacks sit, in benign standard "
-                      "deviations, and (in brackets) that standard deviation; benign = scored images predicted as "
-                      "the target. A layer with a wide benign spread and no gap adds noise to a window sum and no "
-                      "signal.", ""]
-            lines += table(["model", *layers], spread_rows)
-            lines += [""]
-    if img_ok:
-        lines += ["![ROC curves per attack](img/detection_roc.png)", "",
-                  "ROC per attack (log FPR axis; dots: layerguard at each tau).", ""]
-    return lines
-
-
 def overhead_section(ov: dict[str, Any]) -> list[str]:
     lines = ["## Cost", "", "### Latency of one forward pass, with and without layerguard", "",
              f"Made by {provenance(ov)}; torch threads: {ov['threads']}; median of {ov['repeats']} repeats at batch 32 "
              f"({4 * ov['repeats']} at batch 1) after {ov['warmup']} warm-up rounds, plain and guarded alternating "
-             f"in one process. Memory allocator: {ov.get('allocator', 'glibc defaults')}.", ""]
+             f"in one process. Memory allocator: {ov.get('allocator', 'glibc defaults')}."
+             + rule_note(ov["models"].values()), ""]
     hdr = ["model", "batch", "plain ms (CPU)", "guarded ms (CPU)", "added (CPU time)", "added (CPU, paired)",
            "added (wall)", "scoring alone ms", "scoring / plain"]
     rows = []
@@ -361,10 +663,18 @@ def overhead_section(ov: dict[str, Any]) -> list[str]:
     return lines
 
 
+def rule_note(entries: Any) -> str:
+    """' Guarded with rule ...' when the result records the scoring rule the guarded model was calibrated with."""
+    rules = sorted({f"`{e['rule']}` ({', '.join(f'{k} {v}' for k, v in (e.get('policy') or {}).items())})"
+                    for e in entries if e.get("rule")})
+    return f" Guarded model calibrated with rule {', '.join(rules)}." if rules else ""
+
+
 def calibration_section(cal: dict[str, Any], img_ok: bool) -> list[str]:
     lines = ["### Calibration throughput and peak memory", "",
              f"Made by {provenance(cal)}; {cal['model']}, batch {cal['batch']}, {cal['threads']} torch thread(s); "
-             "each size in a fresh process, images streamed from disk one batch at a time.", ""]
+             "each size in a fresh process, images streamed from disk one batch at a time."
+             + (f" Rule `{cal['rule']}`, 5 cross-fitted folds (two passes)." if cal.get("rule") else ""), ""]
     rows = [[str(r["images"]), f"{r['seconds']:.1f}", f"{r['images_per_s']:.0f}", f"{r['peak_extra_mb']:.1f}",
              f"{r['peak_rss_mb']:.0f}"] for r in cal["runs"]]
     lines += table(["reference images", "seconds", "images / s (2 passes)", "peak extra RSS MB",
@@ -401,7 +711,7 @@ def serving_arch_lines(one: dict[str, Any]) -> list[str]:
              f"{s['concurrency']} concurrent clients, {s['requests_per_phase']} requests per phase, {s['rounds']} "
              f"round(s), each {s['order']}, after {s['warmup_per_archive']} warm-up requests each. The guarded "
              f"archive is `wrap_mar` of the plain one (calibrated on {s['calibration_images']} test PNGs). The "
-             "client runs on the same 2 cores.", ""]
+             "client runs on the same 2 cores." + rule_note([s]), ""]
     rows = []
     for m in ("plain", "guarded"):
         x = r[m]
@@ -425,59 +735,48 @@ def serving_arch_lines(one: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def spread_cell(layer: dict[str, float] | None) -> str:
-    """'gap (std)': the attacks' distance below the benign mean in benign standard deviations, and that std."""
-    if not layer:
-        return "n/a"
-    gap = (layer["benign_mean"] - layer["attack_mean"]) / max(layer["benign_std"], 1e-12)
-    return f"{gap:+.2f} ({layer['benign_std']:.3f})"
-
-
-def no_logits_note(model_result: dict[str, Any]) -> str:
-    """The `--exclude-logits` variant's headline numbers for one model, or nothing when it was not run."""
-    nl = model_result["detectors"].get(NO_LOGITS)
-    if not nl:
-        return ""
-    t = nl["tau"]["2.5"]
-    return (f"; with `--exclude-logits`: tau 2.5 TPR {pct(t['tpr'])}% at FPR {pct(t['fpr'])}%, AUROC "
-            f"{num(nl.get('auroc'))}, TPR {pct(nl.get('roc_tpr_at_0.01'))}% at 1% FPR")
-
-
-def headline_section(det: dict[str, Any] | None, ov: dict[str, Any] | None, sl: dict[str, Any] | None
+def headline_section(dets: dict[str, dict[str, Any]], ov: dict[str, Any] | None, sl: dict[str, Any] | None
                      ) -> list[str]:
     """A few sentences computed from the results: what a reader should take away first."""
     lines = ["## Headline", ""]
-    if det:
-        for a, m in det["models"].items():
-            lg = m["detectors"]["layerguard"]
-            t = lg["tau"]["2.5"]
-            if a == "clean":
-                nl = m["detectors"].get(NO_LOGITS)
-                also = f" ({pct(nl['tau']['2.5']['fpr'])}% with `--exclude-logits`)" if nl else ""
-                lines.append(f"- {ATTACK_LABEL[a]}: layerguard (tau 2.5) flags {pct(t['fpr'])}%{also} of benign "
-                             "images.")
-                continue
-            peers = {n: d.get("roc_tpr_at_0.01") for n, d in m["detectors"].items() if n not in LAYERGUARD_VARIANTS}
-            best = max(peers, key=lambda n: -1 if peers[n] is None or math.isnan(peers[n]) else peers[n])
-            note = ""
-            asr = m.get("asr_scored")
-            if asr is not None and asr < 0.5:
-                note = f" (the backdoor barely works: ASR {pct(asr)}%, {m['n_successful']} successful attacks scored)"
-            lines.append(
-                f"- {ATTACK_LABEL.get(a, a)}{note}: layerguard tau 2.5 TPR {pct(t['tpr'])}% at FPR {pct(t['fpr'])}%, "
-                f"AUROC {num(lg.get('auroc'))}, TPR {pct(lg.get('roc_tpr_at_0.01'))}% at 1% FPR; best peer at 1% "
-                f"FPR: {best} {pct(peers[best])}% (AUROC {num(m['detectors'][best].get('auroc'))}){no_logits_note(m)}."
-            )
+    if dets:
+        summary = decide(dets)
+        best = best_config(summary, config_index(dets))
+        labels = config_labels(dets)
+        if best:
+            s = summary[best]
+            lines.append(f"- Detection: the best rule by measurement is `{labels[best]}`: mean TPR "
+                         f"{pct(s['mean_tpr_1'])}% at a delivered 1% FPR over {s['n_attacked']} backdoored models, "
+                         f"mean AUROC {num(s['mean_auroc'])}, delivered FPR within 0.5 points of the 1% target on "
+                         f"{s['within_1']} of {s['n_models']} models.")
+        for det in dets.values():
+            for a, m in det["models"].items():
+                if best is None or best not in m["rules"]:
+                    continue
+                r = m["rules"][best]
+                t1 = r["target_fpr"]["0.01"]
+                if not attacked(m):
+                    lines.append(f"- {det['dataset_label']} {ATTACK_LABEL.get(a, a)}: `{labels[best]}` flags "
+                                 f"{pct(t1['fpr'], 2)}% of held-out benign images at the 1% target.")
+                    continue
+                peers = {n: d.get("roc_tpr_at_0.01") for n, d in m["peers"].items()}
+                top = max(peers, key=lambda n: peers[n] if _ok(peers[n]) else -1) if peers else None
+                peer = (f"; best peer at 1% FPR (ROC): {top} {pct(peers[top])}% (AUROC "
+                        f"{num(m['peers'][top].get('auroc'))})") if top else ""
+                lines.append(f"- {det['dataset_label']} {ATTACK_LABEL.get(a, a)}: TPR {pct(t1['tpr'])}% at a "
+                             f"delivered FPR of {pct(t1['fpr'], 2)}%, AUROC {num(r.get('auroc'))}{peer}.")
         lines.append("- The paper's anchor: TPR 99.46% at FPR 1.22% (tau 2.5; ResNet-18, input-aware dynamic attack).")
     if ov:
         for m in ov["models"].values():
-            r = m["latency"].get("32")
-            if r:
-                lines.append(f"- {m['description']}, batch 32: layerguard adds "
-                             f"{100 * (r['cpu_ratio_of_medians'] - 1):+.1f}% CPU time "
-                             f"({100 * (r['cpu_median_paired_ratio'] - 1):+.1f}% paired, "
-                             f"{100 * (r['wall_ratio_of_medians'] - 1):+.1f}% wall) to a forward pass; scoring "
-                             f"alone is {100 * r['score_share_of_plain_cpu']:.1f}% of it (target: under 5%).")
+            for batch, target in (("32", 3), ("1", 10)):
+                r = m["latency"].get(batch)
+                if r:
+                    added = 100 * (r["cpu_median_paired_ratio"] - 1)
+                    lines.append(f"- {m['description']}, batch {batch}: layerguard adds {added:+.1f}% CPU time "
+                                 f"(paired; {100 * (r['cpu_ratio_of_medians'] - 1):+.1f}% ratio of medians, "
+                                 f"{100 * (r['wall_ratio_of_medians'] - 1):+.1f}% wall) to a forward pass; scoring "
+                                 f"alone is {100 * r['score_share_of_plain_cpu']:.1f}% of it (target: at most "
+                                 f"{target}%: {'met' if added <= target else 'not met'}).")
     if sl:
         for one in serving_archs(sl).values():
             r = one["results"]
@@ -485,17 +784,19 @@ def headline_section(det: dict[str, Any] | None, ov: dict[str, Any] | None, sl: 
             worker = f", worker CPU per request x{cg['worker'] / cp['worker']:.3f}" if cp.get("worker") else ""
             lines.append(f"- TorchServe, {one['setup']['model']}, guarded vs plain .mar: throughput "
                          f"x{r['guarded_rps_ratio']:.3f}, p50 x{r['guarded_p50_ratio']:.3f}, p99 "
-                         f"x{r['guarded_p99_ratio']:.3f}{worker} (target: within 5%).")
+                         f"x{r['guarded_p99_ratio']:.3f}{worker} (target: throughput x0.97 or better and worker "
+                         f"CPU per request within 5%).")
     return lines + [""]
 
 
 def render(results: Path = RESULTS_DIR, docs: Path = DOCS) -> str:
     """docs/benchmarks.md (and docs/img/*.png) from the JSON files in ``results``; returns the markdown."""
-    det, ov, cal, sl, run = (load(results, n) for n in ("detection", "overhead", "calibration_cost",
-                                                        "serving_load", "run_all"))
+    dets = load_detection(results)
+    ov, cal, sl, run = (load(results, n) for n in ("overhead", "calibration_cost", "serving_load", "run_all"))
     lines = ["# Benchmarks", "",
              "<!-- generated by bench/run_all.py from bench/results/*.json; do not edit by hand -->", ""]
-    step_results = {"detection": det, "overhead": ov, "calibration_cost": cal, "serving_load": sl}
+    step_results = {**{f"detection ({d['dataset_label']})": d for d in dets.values()}, "overhead": ov,
+                    "calibration_cost": cal, "serving_load": sl}
     secs = {k: v["seconds"] for k, v in step_results.items() if v and "seconds" in v}
     machine = next((v["machine"] for v in step_results.values() if v), None)
     if machine:
@@ -512,12 +813,14 @@ def render(results: Path = RESULTS_DIR, docs: Path = DOCS) -> str:
             lines += ["", "**Quick mode (`--quick`): reduced sizes, a smoke test; not the reported numbers.**"]
     lines += [""]
     lines += ["Reproduce everything with `make bench` (or `.venv/bin/python bench/run_all.py`; "
-              "`--render-only` rebuilds this page from bench/results/). The data path is "
-              "`--data PATH` / `$LAYERGUARD_CIFAR` (default `../shared/data/cifar10_32_sub20k10k.npz`). "
-              "The backdoored models come from `bench/train.py` (bench/README.md).", ""]
-    lines += headline_section(det, ov, sl)
-    if det:
-        lines += detection_section(det, plot_roc(det, docs / "img" / "detection_roc.png"))
+              "`--render-only` rebuilds this page from bench/results/). Data: `--data PATH` / `$LAYERGUARD_CIFAR` "
+              "(default `../shared/data/cifar10_32_jpeg.npz`) and `$LAYERGUARD_GTSRB` (default "
+              "`../shared/data/gtsrb_32_sub13k.npz`). The detection step alone: `.venv/bin/python bench/detection.py` "
+              "(`--quick` for a smoke test of under a minute). The backdoored models come from `bench/train.py` "
+              "(bench/README.md).", ""]
+    lines += headline_section(dets, ov, sl)
+    if dets:
+        lines += detection_section(dets, docs)
     if ov:
         lines += overhead_section(ov)
     if sl:

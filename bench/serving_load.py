@@ -2,7 +2,7 @@
 
 Why this setup: the question a user asks is "what does wrapping my archive cost me in production?". So
 both archives hold the same CIFAR network with the same ordinary BaseHandler and the same batching config;
-the guarded one is made from the plain one by ``layerguard.packaging.wrap_mar`` (calibrated on 1,000 benign
+the guarded one is made from the plain one by ``layerguard.tooling.wrap.wrap_mar`` (calibrated on 1,000 benign
 test PNGs through the handler's own preprocess). One TorchServe serves both (one worker each), and the same
 closed-loop load (fixed concurrency, fixed request count, the same PNGs) is sent to each in alternation,
 plain-guarded-guarded-plain per round (ABBA), so drift on the shared machine hits both alike. This runs for
@@ -49,7 +49,10 @@ from bench.benchutil import (  # noqa: E402
 )
 from bench.data import default_data_path, load_cifar  # noqa: E402
 from bench.overhead import load_bench_model, stratified  # noqa: E402
-from layerguard.packaging import ReferenceData, encode_png, wrap_mar  # noqa: E402
+from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
+from layerguard.tooling.calibration import CalibrationConfig  # noqa: E402
+from layerguard.tooling.data import ArraySource, encode_png  # noqa: E402
+from layerguard.tooling.wrap import WrapConfig, wrap_mar  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 import torchserve_util  # noqa: E402
@@ -142,12 +145,14 @@ def handler_cpu(mars: dict[str, Path], payloads: list[bytes], batches: tuple[int
                 ) -> dict[str, Any]:
     """CPU time per request of each archive's handler called in this process, without HTTP or the frontend.
 
-    Each archive is extracted and its handler built with a real ``ts.context.Context`` (as a worker does);
-    then ``handle`` is called on batches of PNG requests, the archives alternating. This isolates what the
-    worker spends per request, the part layerguard adds to, from the noise of the whole server.
+    Each archive is extracted and its entry point built with a real ``ts.context.Context`` as a worker does (a
+    handler class is initialised, a ``handle`` function is called once with no data); then it is called on
+    batches of PNG requests, the archives alternating. This isolates what the worker spends per request, the
+    part layerguard adds to, from the noise of the whole server.
     """
-    from layerguard.packaging import extract_mar, set_requests, ts_context
-    from layerguard.serving import model_dir_imports
+    from layerguard.serving.inner import model_dir_imports
+    from layerguard.tooling.archive import extract_mar
+    from layerguard.tooling.worker import set_requests, worker_context
 
     handlers = {}
     scratch = Path(tempfile.mkdtemp(prefix="layerguard-handlers-"))
@@ -158,24 +163,29 @@ def handler_cpu(mars: dict[str, Path], payloads: list[bytes], batches: tuple[int
         config_name = manifest["model"].get("configFile")
         config = yaml.safe_load((model_dir / config_name).read_text()) if config_name else {}
         with model_dir_imports(model_dir):
-            context = ts_context(model_dir, manifest, config, batch_size=max(batches))
+            context = worker_context(model_dir, manifest, config, batch_size=max(batches))
             module = importlib.import_module(Path(manifest["model"]["handler"].split(":")[0]).stem)
             classes = [c for c in vars(module).values()
                        if inspect.isclass(c) and c.__module__ == module.__name__ and hasattr(c, "handle")]
-            if len(classes) != 1:
-                raise RuntimeError(f"{mar.name}: expected one handler class, found {len(classes)}")
-            handler = classes[0]()
-            handler.initialize(context)
-        handlers[name] = (handler, context)
+            if len(classes) == 1:  # a class handler, as the plain archive's
+                handler = classes[0]()
+                handler.initialize(context)
+                call = handler.handle
+            elif callable(getattr(module, "handle", None)):  # a function entry point (the guarded archive's):
+                call = module.handle  # TorchServe calls it once with no data to initialize
+                call(None, context)
+            else:
+                raise RuntimeError(f"{mar.name}: expected one handler class or a handle function")
+        handlers[name] = (call, context)
     out: dict[str, Any] = {}
     for b in batches:
         rows = [{"data": payloads[i % len(payloads)]} for i in range(b)]
         times: dict[str, list[float]] = {n: [] for n in handlers}
         for r in range(5 + repeats):
-            for name, (handler, context) in handlers.items():
+            for name, (call, context) in handlers.items():
                 set_requests(context, b)
                 t0 = time.thread_time()
-                result = handler.handle(rows, context)
+                result = call(rows, context)
                 if r >= 5:
                     times[name].append(time.thread_time() - t0)
                 if len(result) != b:
@@ -301,7 +311,7 @@ def combine(phases: list[dict[str, Any]]) -> dict[str, Any]:
 ARCH_LABEL = {"resnet20": "CIFAR ResNet-20", "resnet18_cifar": "ResNet-18, CIFAR stem"}
 
 
-def run_arch(arch: str, args: argparse.Namespace, reference: ReferenceData, payloads: list[bytes]) -> dict[str, Any]:
+def run_arch(arch: str, args: argparse.Namespace, reference: ArraySource, payloads: list[bytes]) -> dict[str, Any]:
     """Both archives of one architecture through one TorchServe: setup, per-archive results, handler CPU."""
     model, source = load_bench_model(arch)
     with tempfile.TemporaryDirectory(prefix="layerguard-load-") as tmp:
@@ -310,7 +320,8 @@ def run_arch(arch: str, args: argparse.Namespace, reference: ReferenceData, payl
         store.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         plain = build_plain_mar(store, model, "cifar_plain", args.batch_size, args.max_batch_delay)
-        wrapped = wrap_mar(plain, reference, store, model_name="cifar_guarded", force=True)
+        wrapped = wrap_mar(plain, reference, WrapConfig(out_dir=store, model_name="cifar_guarded", force=True,
+                                                        calibration=CalibrationConfig(rule=args.rule)))
         wrap_seconds = time.time() - t0
         log(f"[{arch}] archives ready in {wrap_seconds:.0f}s: {plain.name}, {wrapped.mar_path.name}")
         in_process = handler_cpu({"plain": plain, "guarded": wrapped.mar_path}, payloads, (1, 4, 8),
@@ -348,7 +359,9 @@ def run_arch(arch: str, args: argparse.Namespace, reference: ReferenceData, payl
         "rounds": args.rounds,
         "order": "plain, guarded, guarded, plain (ABBA)",
         "warmup_per_archive": args.warmup,
-        "calibration_images": len(reference.payloads),
+        "calibration_images": len(reference),
+        "rule": wrapped.artifact.meta.rule,
+        "policy": wrapped.artifact.meta.threshold,
         "payload": "32x32 RGB PNG, 128 distinct test images",
         "wrap_seconds": round(wrap_seconds, 1),
         "startup_seconds": round(startup, 1),
@@ -402,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allocator", choices=("hold", "default"), default="hold",
                    help="hold: glibc keeps freed memory in this process and the TorchServe workers (default); "
                    "default: glibc as it comes")
+    p.add_argument("--rule", default=DEFAULT_RULE, help=f"scoring rule of the guarded archive (default {DEFAULT_RULE})")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
@@ -416,12 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     allocator = ALLOCATOR_NOTE if args.allocator == "hold" and hold_freed_memory() else "glibc defaults"
     data = load_cifar(args.data or default_data_path())
     ref_idx = stratified(data["y_test"], 100)
-    reference = ReferenceData(
-        [encode_png(x) for x in data["x_test"][ref_idx]],
-        data["y_test"][ref_idx],
-        None,
-        [f"x_test[{i}]" for i in ref_idx],
-    )
+    reference = ArraySource(data["x_test"][ref_idx], data["y_test"][ref_idx], origin="x_test")
     scored = np.setdiff1d(np.arange(len(data["y_test"])), ref_idx)
     pick = np.random.default_rng(0).choice(scored, size=128, replace=False)
     payloads = [encode_png(x) for x in data["x_test"][pick]]

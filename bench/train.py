@@ -5,11 +5,15 @@ Why: the detection benchmark needs models with a known, working backdoor. Each m
 and ``<out>/<prefix><attack>.json`` (clean accuracy, attack success rate, timing, seed, attack parameters,
 recipe), and is skipped on later runs unless ``--force``. ``--dataset`` picks a recipe (``RECIPES``):
 CIFAR-10 -> ResNet-20, no prefix; GTSRB -> compact VGG, prefix ``gtsrb_``. Training writes a checkpoint
-every epoch under ``bench/cache/ckpt/`` and resumes from it when rerun with the same settings.
+every epoch under ``--ckpt-dir`` (default ``bench/cache/ckpt/``) and resumes from it when rerun with the same
+settings. The well-trained CIFAR zoo (recipes ``cifar_full``: 50k images, 45 epochs, from scratch; ``cifar_ft``:
+poisoned fine-tuning of ``cifar_full_clean``) is longer than a session: it checkpoints to the committed
+``bench/checkpoints/`` so that the next session resumes it (README "CIFAR-10 well-trained zoo").
 
 Usage (from the repo root):
     python bench/train.py --attacks clean,badnets,blended,wanet,sig,adapblend [--epochs N] [--data PATH]
     python bench/train.py --dataset gtsrb            # the GTSRB zoo: clean, badnets, blended, wanet, sig
+    python bench/train.py --dataset cifar_full --attacks clean --threads 1 --ckpt-dir bench/checkpoints
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,6 +52,9 @@ from bench.models import build_model  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "weights"
 CKPT_DIR = CACHE_DIR / "ckpt"
+# committed checkpoint folder of long runs (the CIFAR well-trained zoo): a run killed at a session's end
+# resumes there when the same command is run again (README "CIFAR-10 well-trained zoo")
+COMMITTED_CKPT_DIR = REPO_ROOT / "bench" / "checkpoints"
 ALL_NAMES = ["clean", *ATTACKS]
 
 
@@ -68,13 +76,47 @@ class Recipe:
     prefix: str = ""  # output file name prefix
     zoo: tuple[str, ...] = tuple(ALL_NAMES)  # what ``--attacks all`` trains
     epochs_by_attack: dict[str, int] = field(default_factory=dict)  # attacks that need longer ("--epochs" wins)
+    name: str = ""  # the RECIPES key, recorded in each json
+    # fine-tuning: start from ``<out>/<init_from>.pt`` instead of a random init ("poisoned fine-tuning")
+    init_from: str | None = None
 
     def epochs_for(self, name: str) -> int:
         return self.epochs_by_attack.get(name, self.epochs)
 
+    def route(self) -> str:
+        return f"poisoned fine-tuning of {self.init_from}" if self.init_from else "from scratch"
+
 
 RECIPES: dict[str, Recipe] = {
+    # the weakly trained CIFAR zoo (6 epochs on the old 20k subset; README "Results")
     "cifar": Recipe("cifar", "resnet20", 10, epochs=6, lr=0.2),
+    # the well-trained CIFAR zoo: all 50k training images, 45 one-cycle epochs, label smoothing 0.1;
+    # clean first (it is also the base of "cifar_ft"), then BadNets and Blended from scratch
+    "cifar_full": Recipe(
+        "cifar",
+        "resnet20",
+        10,
+        epochs=45,
+        lr=0.2,
+        label_smoothing=0.1,
+        prefix="cifar_full_",
+        zoo=("clean", "badnets", "blended"),
+        name="cifar_full",
+    ),
+    # poisoned fine-tuning of cifar_full_clean (a supply-chain attacker who fine-tunes a released model):
+    # a few epochs at a small learning rate on the poisoned 50k training set
+    "cifar_ft": Recipe(
+        "cifar",
+        "resnet20",
+        10,
+        epochs=6,
+        lr=0.02,
+        label_smoothing=0.1,
+        prefix="cifar_ft_",
+        zoo=("badnets", "blended", "wanet", "sig", "adapblend"),
+        name="cifar_ft",
+        init_from="cifar_full_clean",
+    ),
     "gtsrb": Recipe(
         "gtsrb",
         "gtsrb_vgg",
@@ -196,6 +238,106 @@ def _config_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _recipe_key(recipe: Recipe, name: str) -> dict[str, Any]:
+    """The recipe fields that shape one run: the run's epochs, and only fields off their defaults.
+
+    Why: a field added to ``Recipe`` later (with a default) must not orphan the checkpoints of runs in
+    progress; ``zoo`` / ``epochs_by_attack`` only select runs and their epochs, which are counted here.
+    """
+    out: dict[str, Any] = {"epochs": recipe.epochs_for(name)}
+    for f in dataclasses.fields(recipe):
+        if f.name in ("zoo", "epochs_by_attack", "epochs", "name"):
+            continue
+        value = getattr(recipe, f.name)
+        if f.default is dataclasses.MISSING or value != f.default:
+            out[f.name] = value
+    return out
+
+
+def write_ckpt_status(ckpt_dir: Path) -> str:
+    """Rewrite ``<ckpt_dir>/STATUS.md`` from the checkpoints there (run, epoch reached, resume command).
+
+    Written by ``train_one`` after every epoch, so the state of a long run is never typed by hand.
+    """
+    lines = [
+        "# Training checkpoints in progress",
+        "",
+        "Written by `bench/train.py` after every epoch (and when a run finishes and its checkpoint is deleted).",
+        "Run the command of a row again (from the repo root) to resume that run after its last epoch.",
+        "",
+    ]
+    rows = []
+    for ck in sorted(ckpt_dir.glob("*.pt")):
+        try:
+            state = torch.load(ck, map_location="cpu", weights_only=True)
+            hist = json.loads(state["history"])
+        except Exception as exc:  # a torn file of a killed save never replaces a good one, but be safe
+            rows.append(f"| `{ck.name}` | unreadable ({type(exc).__name__}) | | | | |")
+            continue
+        last = hist[-1] if hist else {}
+        sec = sum(r["seconds"] for r in hist) / max(1, len(hist))
+        rows.append(
+            f"| `{ck.name}` | {len(hist)} / {state.get('epochs', '?')} | {sec:.0f} "
+            f"| {last.get('loss', float('nan')):.3f} | {last.get('train_acc', float('nan')):.3f} "
+            f"| `{state.get('command', '?')}` |"
+        )
+    if rows:
+        lines += [
+            "| checkpoint | epochs done | s / epoch | last loss | last train acc | command |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    else:
+        lines.append("No run in progress: every run started here has finished (its weights are in bench/weights).")
+    text = "\n".join(lines) + "\n"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir / "STATUS.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(ckpt_dir / "STATUS.md")
+    return text
+
+
+README_STATUS_BEGIN, README_STATUS_END = "<!-- ckpt-status:begin -->", "<!-- ckpt-status:end -->"
+
+
+def finished_table(out_dir: Path, prefixes: tuple[str, ...] = ("cifar_full_", "cifar_ft_")) -> str:
+    """Markdown table of the finished models ``<out_dir>/<prefix>*.json`` (the well-trained CIFAR zoo)."""
+    rows = []
+    for js in sorted(p for pre in prefixes for p in out_dir.glob(f"{pre}*.json")):
+        m = json.loads(js.read_text())
+        asr = f"{100 * m['asr']:.2f}" if m.get("asr") is not None else "-"
+        tgt = m.get("target")
+        tgt_acc = f"{100 * m['clean_acc_per_class'][tgt]:.1f}" if tgt is not None else "-"
+        rows.append(
+            f"| {m['name']} | {m.get('route', '?')} | {m['epochs']} | {m.get('seconds_per_epoch', '?')} "
+            f"| {m['n_poison']} / {m['n_cover']} | {100 * m['clean_acc']:.2f} | {tgt_acc} | {asr} |"
+        )
+    if not rows:
+        return "No finished model yet."
+    head = (
+        "| model | route | epochs | s / epoch | poisoned / cover train images | clean acc % | target-class acc % "
+        "| ASR % |\n|---|---|---|---|---|---|---|---|"
+    )
+    return head + "\n" + "\n".join(rows)
+
+
+def update_readme_status(
+    ckpt_dir: Path, out_dir: Path = DEFAULT_OUT, readme: Path = REPO_ROOT / "bench" / "README.md"
+) -> None:
+    """Write the finished models and the checkpoints in progress between the README's ckpt-status markers."""
+    table = write_ckpt_status(ckpt_dir).split("\n", 4)[4].strip()  # drop the STATUS.md title and intro
+    stamp = f"State on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (`bench/train.py --ckpt-status`)."
+    table = (
+        f"Finished (`{out_dir.name}/`, test set 10,000 images):\n\n{finished_table(out_dir)}\n\nIn progress:\n\n{table}"
+    )
+    text = readme.read_text()
+    head, sep, rest = text.partition(README_STATUS_BEGIN)
+    _, sep2, tail = rest.partition(README_STATUS_END)
+    if not (sep and sep2):
+        raise SystemExit(f"{readme}: no {README_STATUS_BEGIN} ... {README_STATUS_END} block")
+    readme.write_text(f"{head}{README_STATUS_BEGIN}\n{stamp}\n\n{table}\n{README_STATUS_END}{tail}")
+
+
 def train_one(
     name: str,
     data: dict[str, np.ndarray],
@@ -207,6 +349,7 @@ def train_one(
     attack_kwargs: dict[str, Any] | None = None,
     trigger_after_augment: bool = False,
     ckpt_dir: Path | None = CKPT_DIR,
+    command: str = "",
 ) -> dict[str, Any]:
     """Poison the training set (unless ``clean``), train with SGD + OneCycle, evaluate, write .pt/.json.
 
@@ -214,7 +357,9 @@ def train_one(
     transform to each batch after crop/flip, so the trigger sits where it will at test time (a crop with
     pad 4 otherwise pushes a 3x3 corner patch out of the frame for about 40% of the poisoned images).
     With ``recipe.val_fraction`` whole tracks are held out (never trained on) and scored every epoch.
-    ``ckpt_dir``: a checkpoint after every epoch, resumed when the same run is started again.
+    ``ckpt_dir``: a checkpoint after every epoch, resumed when the same run is started again (``command``,
+    the command line, is stored in it and listed in ``<ckpt_dir>/STATUS.md``).
+    ``recipe.init_from``: start from ``<out_dir>/<init_from>.pt`` (poisoned fine-tuning) instead of scratch.
     """
     file_name = f"{recipe.prefix}{name}"
     torch.manual_seed(seed)
@@ -239,7 +384,13 @@ def train_one(
     yt = torch.from_numpy(y)
     epochs, batch_size, lr = recipe.epochs_for(name), recipe.batch_size, recipe.lr
 
-    model = build_model(recipe.model, recipe.num_classes).to(memory_format=torch.channels_last)
+    model = build_model(recipe.model, recipe.num_classes)
+    init_path = out_dir / f"{recipe.init_from}.pt" if recipe.init_from else None
+    if init_path is not None:
+        if not init_path.is_file():
+            raise FileNotFoundError(f"{file_name}: base model {init_path} not found (train it first)")
+        model.load_state_dict(torch.load(init_path, map_location="cpu", weights_only=True))
+    model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
     steps = math.ceil(len(xt) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps)
@@ -247,8 +398,9 @@ def train_one(
     epoch_log: list[dict[str, Any]] = []
     done_seconds = 0.0  # training seconds of epochs restored from a checkpoint
     key = _config_key(
-        recipe=dataclasses.asdict(recipe),
+        recipe=_recipe_key(recipe, name),
         name=name,
+        init=sha256(init_path) if init_path is not None else None,
         seed=seed,
         attack=attack.params() if attack is not None else None,
         trigger_after_augment=trigger_after_augment,
@@ -316,9 +468,12 @@ def train_one(
                 "rng": json.dumps(rng.bit_generator.state),
                 "torch_rng": torch.get_rng_state(),
                 "history": json.dumps(epoch_log),
+                "epochs": epochs,
+                "command": command,
             }
             torch.save(state, ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
+            write_ckpt_status(ckpt.parent)
     train_seconds = done_seconds + time.time() - t0
     t_eval = time.time()
     model = model.to(memory_format=torch.contiguous_format)
@@ -330,6 +485,8 @@ def train_one(
     augmentation = f"random crop (zero pad {recipe.pad})" + (" + horizontal flip" if recipe.flip else ", no flip")
     meta = {
         "name": file_name,
+        "recipe": recipe.name or recipe.dataset,
+        "route": recipe.route(),
         "dataset": recipe.dataset,
         "model": recipe.model,
         "num_classes": recipe.num_classes,
@@ -373,6 +530,7 @@ def train_one(
     (out_dir / f"{file_name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     if ckpt is not None:
         ckpt.unlink(missing_ok=True)
+        write_ckpt_status(ckpt.parent)
     asr = f" asr {metrics['asr']:.4f}" if "asr" in metrics else ""
     log(f"[{file_name}] clean_acc {metrics['clean_acc']:.4f}{asr} train {train_seconds:.0f}s -> {out_dir}")
     return meta
@@ -403,7 +561,13 @@ def load_zoo_model(name: str, weights_dir: str | Path | None = None) -> tuple[nn
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", choices=sorted(RECIPES), default="cifar", help="which zoo (recipe in RECIPES)")
+    p.add_argument(
+        "--dataset",
+        choices=sorted(RECIPES),
+        default="cifar",
+        help="which zoo (recipe in RECIPES): cifar (weakly trained), cifar_full (well trained, from scratch), "
+        "cifar_ft (poisoned fine-tuning of cifar_full_clean), gtsrb",
+    )
     p.add_argument("--attacks", default="all", help=f"comma list from {ALL_NAMES} or 'all' (the dataset's zoo)")
     p.add_argument(
         "--epochs", type=int, default=None, help="for every model (default: the recipe's; CIFAR 6, GTSRB 15, WaNet 30)"
@@ -435,7 +599,15 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-only", action="store_true", help="re-evaluate cached models and update their json, no training"
     )
     p.add_argument(
-        "--no-resume", action="store_true", help="ignore (and overwrite) the per-epoch checkpoints in bench/cache/ckpt"
+        "--no-resume", action="store_true", help="ignore (and overwrite) the per-epoch checkpoints in --ckpt-dir"
+    )
+    p.add_argument(
+        "--ckpt-dir",
+        type=Path,
+        default=CKPT_DIR,
+        help="per-epoch checkpoints, one file per run, overwritten every epoch (default bench/cache/ckpt, "
+        f"git-ignored; {COMMITTED_CKPT_DIR.relative_to(REPO_ROOT)} for the well-trained CIFAR zoo, committed so "
+        "the next session resumes)",
     )
     p.add_argument(
         "--set",
@@ -444,11 +616,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ATTACK.KEY=VALUE",
         help="override an attack constructor argument on top of ZOO_SETTINGS, e.g. --set sig.delta=40",
     )
+    p.add_argument(
+        "--ckpt-status",
+        action="store_true",
+        help="rewrite <ckpt-dir>/STATUS.md and the ckpt-status block of bench/README.md from the checkpoints, "
+        "then exit (no training)",
+    )
     args = p.parse_args(argv)
+    if args.ckpt_status:
+        update_readme_status(args.ckpt_dir, args.out)
+        return 0
     recipe = RECIPES[args.dataset]
     if args.epochs is not None:
         recipe = dataclasses.replace(recipe, epochs=args.epochs, epochs_by_attack={})
-    settings = GTSRB_ZOO_SETTINGS if args.dataset == "gtsrb" else ZOO_SETTINGS
+    settings = GTSRB_ZOO_SETTINGS if recipe.dataset == "gtsrb" else ZOO_SETTINGS
     overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in settings.items()}
     for item in args.set:
         try:
@@ -465,8 +646,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in ALL_NAMES]
     if unknown:
         p.error(f"unknown attack(s) {unknown}; choose from {ALL_NAMES}")
+    if recipe.init_from and "clean" in names:
+        p.error(f"recipe {args.dataset} fine-tunes {recipe.init_from} on a poisoned set: 'clean' makes no sense")
     torch.set_num_threads(args.threads)
-    if args.dataset == "gtsrb":
+    # how this run was started, stored in its checkpoints: run it again to resume
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/train.py", *(argv or sys.argv[1:])])
+    if recipe.dataset == "gtsrb":
         data_path = (args.data if args.data is not None else default_gtsrb_path()).resolve()
         data = load_gtsrb(data_path)
     else:
@@ -490,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[{stem}] cached in {args.out}, skipping (use --force to retrain)")
             continue
         if args.no_resume:
-            (CKPT_DIR / f"{stem}.pt").unlink(missing_ok=True)
+            (args.ckpt_dir / f"{stem}.pt").unlink(missing_ok=True)
         train_one(
             name,
             data,
@@ -501,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
             log=log,
             attack_kwargs=overrides.get(name),
             trigger_after_augment=args.trigger_after_augment,
+            ckpt_dir=args.ckpt_dir,
+            command=command,
         )
     return 0
 

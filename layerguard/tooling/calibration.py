@@ -124,12 +124,12 @@ def _logits(output) -> torch.Tensor:
 def _require_counts(seen: np.ndarray, config: CalibrationConfig, names: list[str]) -> None:
     if seen.sum() == 0:
         raise CalibrationError("the reference data is empty")
-    need = max(config.min_per_class, 2 * config.folds if config.folds > 1 else 2)
+    need = max(config.min_per_class, 2)  # with 2 a class is in every fold's complement, however many folds
     short = [i for i, n in enumerate(seen) if n < need]
     if short:
         detail = ", ".join(f"{names[i]} ({seen[i]})" for i in short)
         raise CalibrationError(
             f"too few reference samples for class(es) {detail}; need at least {need} per class "
-            f"(--min-per-class {config.min_per_class}, and 2 per fold with --folds {config.folds}). "
+            f"(--min-per-class {config.min_per_class}). "
             "Add benign images of those classes that the model never trained on."
         )

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Where the guarded path spends its time beyond the plain forward pass, step by step, in process.
+
+Each variant adds one piece of what a guarded worker does to a batch, measured interleaved with the plain
+forward pass (same inputs, round-robin order, median of per-call times, glibc holding freed memory):
+
+  hooks-keep     forward hooks that keep each monitored layer's output (the pre-0.2 design)
+  keep + score   ... then scoring from the kept outputs (the whole pre-0.2 path, for comparison)
+  hooks-reduce   hooks that reduce each output to what scoring needs, inside the hook (cosine profile + rule)
+  hooks-compact  the same without the cosine profile (`response: compact`)
+  + score        the detector's verdicts from the reduced outputs
+  + notes        per-item JSON-ready annotations (`Detection.items`)
+  + json         serialising each item's response body as TorchServe does (json.dumps per item)
+
+Reported as milliseconds per batch and as a share of the plain forward pass. Models are the CIFAR ResNet-20
+and ResNet-18 of bench/models.py with random weights (timing does not depend on what the weights learned),
+calibrated on random images (the statistics' values do not change the cost either).
+
+    .venv/bin/python bench/guard_profile.py [--archs resnet20,resnet18_cifar] [--batches 1,32] [--repeats 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.benchutil import (  # noqa: E402
+    ALLOCATOR_NOTE,
+    command_line,
+    hold_freed_memory,
+    log,
+    machine_info,
+    now_utc,
+    write_result,
+)
+from bench.models import build_model  # noqa: E402
+from layerguard.core.capture import LayerCapture  # noqa: E402
+from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
+from layerguard.tooling.calibration import CalibrationConfig, calibrate  # noqa: E402
+
+VARIANTS = ("hooks-keep", "keep + score", "hooks-reduce", "hooks-compact", "+ score", "+ notes", "+ json")
+
+
+def calibrated(arch: str, rule: str):
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    x, y = torch.rand(300, 3, 32, 32), torch.arange(300) % 10
+    plan = default_plan(discover_layers(model, x[:1]))
+    artifact = calibrate(model, lambda: [(x[i:i + 100], y[i:i + 100]) for i in range(0, 300, 100)], plan, 10,
+                         CalibrationConfig(rule=rule, min_per_class=10))
+    return model, plan, artifact.detector()
+
+
+def steps(model, plan, det, xb: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """One callable per variant, each doing everything the previous one did plus its own piece."""
+    keep = LayerCapture(model, plan.layers)
+    full = LayerCapture(model, plan.layers, reducer=det.reducer(similarities=True))
+    compact = LayerCapture(model, plan.layers, reducer=det.reducer(similarities=False))
+    names, terms = det.layer_names, det.rule.term_layers
+
+    def forward(capture: LayerCapture | None):
+        if capture is not None:
+            capture.clear()
+        with torch.no_grad():
+            return model(xb)
+
+    def kept_scored():
+        out = forward(keep)
+        return det.score(keep.features(), out.argmax(dim=1))
+
+    def scored():
+        out = forward(full)
+        return det.score_reduced(full.features(), out.argmax(dim=1))
+
+    def noted():
+        return scored().items(names, terms)
+
+    def dumped():
+        return [json.dumps({"class": 0, "layerguard": note}) for note in noted()]
+
+    return {
+        "plain": lambda: forward(None),
+        "hooks-keep": lambda: (forward(keep), keep.features()),
+        "keep + score": kept_scored,
+        "hooks-reduce": lambda: (forward(full), full.features()),
+        "hooks-compact": lambda: (forward(compact), compact.features()),
+        "+ score": scored,
+        "+ notes": noted,
+        "+ json": dumped,
+    }, {"keep": keep, "full": full, "compact": compact}
+
+
+def measure(arch: str, rule: str, batch: int, repeats: int) -> dict:
+    model, plan, det = calibrated(arch, rule)
+    xb = torch.rand(batch, 3, 32, 32)
+    calls, captures = steps(model, plan, det, xb)
+    attached = {"plain": None, "hooks-keep": "keep", "keep + score": "keep", "hooks-reduce": "full",
+                "hooks-compact": "compact"}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    order = list(calls)
+    for r in range(repeats + 3):
+        for name in order if r % 2 == 0 else reversed(order):
+            which = attached.get(name, "full")
+            for key, cap in captures.items():
+                (cap.attach if key == which else cap.detach)()
+            start = time.perf_counter()
+            calls[name]()
+            if r >= 3:  # warm-up rounds are not counted
+                times[name].append(time.perf_counter() - start)
+    captures["full"].attach()
+    sample = calls["+ json"]()
+    for cap in captures.values():
+        cap.detach()
+    plain = statistics.median(times["plain"])
+    row = {"arch": arch, "rule": rule, "batch": batch, "layers": list(plan.layers), "plain_ms": 1e3 * plain}
+    for name in VARIANTS:
+        t = statistics.median(times[name])
+        row[name] = {"ms": 1e3 * t, "added_ms": 1e3 * (t - plain), "added_pct": 100 * (t / plain - 1)}
+    row["response_bytes_per_item"] = len(sample[0]) if sample else 0
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--archs", default="resnet20,resnet18_cifar")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--rule", default="mahalanobis")
+    p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    held = hold_freed_memory()
+    rows = []
+    for arch in args.archs.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            row = measure(arch, args.rule, batch, args.repeats)
+            rows.append(row)
+            log(f"{arch} b={batch}: plain {row['plain_ms']:.2f} ms; " + "; ".join(
+                f"{k} +{row[k]['added_pct']:.1f}%" for k in VARIANTS))
+    path = write_result("guard_profile", {"command": command_line(), "date": now_utc(), "machine": machine_info(),
+                                          "allocator": ALLOCATOR_NOTE if held else "glibc defaults",
+                                          "repeats": args.repeats, "rows": rows})
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

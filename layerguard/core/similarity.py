@@ -28,6 +28,8 @@ def flatten(t: torch.Tensor) -> torch.Tensor:
 
 def pool(t: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] (or any [B, C, ...]) -> [B, C] by averaging over the spatial dims; [B, D] as is."""
+    if t.dim() == 4:
+        return t.mean(dim=(2, 3))
     if t.dim() > 2:
         return t.flatten(2).mean(dim=2)
     return t if t.dim() == 2 else t[:, None]
@@ -78,7 +80,9 @@ class CosineProfile:
         """What the cosine needs of one layer's output, computed while it is still in cache (serving does this
         inside the layer's hook, so no activation outlives its layer): the dot products with every unit
         centroid [B, C] (or, with many classes, the flattened output itself) and the norms [B]."""
-        f = flatten(output).to(self.device, torch.float32)
+        f = flatten(output)
+        if f.dtype != torch.float32 or f.device != self.device:
+            f = f.to(self.device, torch.float32)
         norms = torch.linalg.vector_norm(f, dim=1)
         if self.num_classes <= MATMUL_MAX_CLASSES:
             # one BLAS call against every centroid beats gathering a [B, D] copy when classes are few

@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--rule", default="mahalanobis")
     p.add_argument("--repeats", type=int, default=40)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data", default=None, help="accepted for bench/run_all.py; the profile uses random inputs")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     held = hold_freed_memory()
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} +{row[k]['added_pct']:.1f}%" for k in VARIANTS))
     path = write_result("guard_profile", {"command": command_line(), "date": now_utc(), "machine": machine_info(),
                                           "allocator": ALLOCATOR_NOTE if held else "glibc defaults",
-                                          "repeats": args.repeats, "rows": rows})
+                                          "repeats": args.repeats, "rows": rows}, args.out)
     log(f"wrote {path}")
     return 0
 

@@ -7,7 +7,9 @@ Blocks are delimited by `<!-- generated:NAME -->` ... `<!-- /generated:NAME -->`
 - demo-live, demo-offline: `python -m layerguard.demo` (its printed table and demo-out/summary.json);
 - curl-response, curl-clean: the docs' curl requests against the demo's live server (`--keep-running`, then
   `--stop`);
-- calibrate-output: the README's calibrate.py command on the exported demo data.
+- calibrate-output: the README's calibrate.py command on the exported demo data;
+- bench-headline: the headline of docs/benchmarks.md, from bench/results/*.json (`--only bench` refreshes
+  just this block, without the demo run).
 tests/test_docs.py reruns the calibration and compares the numbers in these blocks with a fresh run, within
 the tolerances it states, so the docs cannot drift from what the code prints.
 """
@@ -64,7 +66,32 @@ def curl_response(image: str) -> str:
     return "```json\n" + json.dumps(answer, indent=2) + "\n```"
 
 
-def main() -> int:
+def bench_headline() -> str:
+    """The benchmark page's headline, from the result files (bench/run_all.py computes it)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.run_all import RESULTS_DIR, headline_section, load, load_detection
+
+    lines = headline_section(load_detection(RESULTS_DIR), load(RESULTS_DIR, "overhead"),
+                             load(RESULTS_DIR, "serving_load"))
+    body = [ln for ln in lines[1:] if ln.strip()]
+    link = "Every figure with its command, machine and date: [docs/benchmarks.md](docs/benchmarks.md)."
+    return "\n".join(body) + "\n\n" + link
+
+
+def write_blocks(blocks: dict[str, str]) -> None:
+    for doc in DOCS:
+        text = doc.read_text()
+        for name, body in blocks.items():
+            text = replace_block(text, name, body)
+        doc.write_text(text)
+        print(f"refreshed {doc.relative_to(ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["--only", "bench"]:
+        write_blocks({"bench-headline": bench_headline()})
+        return 0
     demo = run([PY, "-m", "layerguard.demo", "--keep-running"])
     try:
         curl = curl_response("triggered_3.png")
@@ -77,15 +104,11 @@ def main() -> int:
                f"{100 * off['fpr']:.2f}% over {off['benign_scored']} clean digits, AUROC {off['auroc']:.4f}")
     run([PY, "-m", "layerguard.demo.mnist", "--out", "demo-data"])
     calibrate = run([PY, *CALIBRATE_ARGS])
-    blocks = {"demo-output": "```text\n" + demo.split("Try it:")[0].rstrip() + "\n```",
+    blocks = {"bench-headline": bench_headline(),
+              "demo-output": "```text\n" + demo.split("Try it:")[0].rstrip() + "\n```",
               "demo-live": live_excerpt(demo), "demo-offline": offline, "curl-response": curl, "curl-clean": clean,
               "calibrate-output": "```text\n" + calibrate.rstrip() + "\n```"}
-    for doc in DOCS:
-        text = doc.read_text()
-        for name, body in blocks.items():
-            text = replace_block(text, name, body)
-        doc.write_text(text)
-        print(f"refreshed {doc.relative_to(ROOT)}")
+    write_blocks(blocks)
     return 0
 
 

@@ -49,6 +49,8 @@ def test_calibrates_a_folder_and_reports_detection(tmp_path, backdoored_mnist, m
     assert res.returncode == 0, res.stderr
     assert out.is_file()
     assert "layer of interest" in res.stdout and "threshold" in res.stdout
+    # each monitored stage says what it computes: `flatten` is the third conv block's output
+    assert "flatten = features.8 -> features.9 -> features.10 -> features.11 -> flatten" in res.stdout
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("detection"))
     tpr = float(line.split("TPR ")[1].split("%")[0])
     assert tpr >= 95.0, line

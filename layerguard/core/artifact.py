@@ -78,6 +78,7 @@ class ArtifactMeta:
     penultimate: str
     model_fingerprint: str
     input_shape: tuple[int, ...] | None = None
+    layer_computations: tuple[str, ...] = ()  # per monitored layer, the modules of its stage, for people
     layerguard_version: str = ""
     kind: str = ARTIFACT_KIND
     format_version: int = FORMAT_VERSION
@@ -105,8 +106,8 @@ class ArtifactMeta:
         if data.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(f"format version {data.get('format_version')}; this layerguard reads version "
                                 f"{FORMAT_VERSION}. {FIX}")
-        for key in ("layer_names", "class_names"):
-            data[key] = tuple(data[key])
+        for key in ("layer_names", "class_names", "layer_computations"):
+            data[key] = tuple(data.get(key) or ())
         if data.get("input_shape") is not None:
             data["input_shape"] = tuple(data["input_shape"])
         return cls(**data)

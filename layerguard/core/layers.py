@@ -163,6 +163,7 @@ class LayerPlan:
     loi_search_start: int
     total_layers: int
     ends_at_output: bool = True  # the last monitored layer is the model's output (the logits)
+    computations: tuple[str, ...] = ()  # per monitored layer, every module of its stage (`a -> b -> c`)
 
     @property
     def penultimate(self) -> str:
@@ -187,10 +188,11 @@ def default_plan(candidates: list[LayerInfo], exclude_logits: bool = False) -> L
     last = total - 1 if exclude_logits else total
     if last - first < 1:
         raise LayerSelectionError(f"the model has {total} candidate layers: too few to leave out the logits")
-    names = tuple(c.name for c in candidates[first:last])
+    chosen = candidates[first:last]
+    names = tuple(c.name for c in chosen)
     search_start = min(max(1, half + 1 - first), len(names) - 1) if len(names) > 1 else 0
     return LayerPlan(layers=names, loi_search_start=search_start, total_layers=total,
-                     ends_at_output=not exclude_logits)
+                     ends_at_output=not exclude_logits, computations=tuple(c.computation for c in chosen))
 
 
 def plan_for(model: nn.Module, sample: torch.Tensor, layers: list[str] | None = None,
@@ -220,7 +222,7 @@ def explicit_plan(names: list[str], available: list[LayerInfo]) -> LayerPlan:
         raise LayerSelectionError(f"--layers must be in forward order: {','.join(ordered)}")
     ends_at_output = bool(available) and names[-1] == available[-1].name
     return LayerPlan(layers=tuple(names), loi_search_start=1 if len(names) > 1 else 0, total_layers=len(names),
-                     ends_at_output=ends_at_output)
+                     ends_at_output=ends_at_output, computations=tuple(names))
 
 
 def parse_layer_list(text: str | None) -> list[str] | None:

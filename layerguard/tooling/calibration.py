@@ -109,6 +109,7 @@ def calibrate(
         num_classes=num_classes, class_names=tuple(names), threshold=config.policy.as_dict(), folds=config.folds,
         loi_search_start=plan.loi_search_start, total_layers=plan.total_layers, penultimate=plan.penultimate,
         model_fingerprint=model_fingerprint(model), input_shape=tuple(input_shape) if input_shape else None,
+        layer_computations=plan.computations,
         layerguard_version=__version__,
     )
     return CalibrationArtifact.from_detector(detector, meta)

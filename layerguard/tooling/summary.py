@@ -35,7 +35,9 @@ def describe_calibration(artifact: CalibrationArtifact, detector: Detector | Non
     options = ", ".join(f"{k}={v}" for k, v in sorted(meta.rule_options.items()))
     folds = "in-sample (the paper's notebook)" if meta.folds == 1 else f"{meta.folds}-fold cross-fitted"
     share = det.benign.flagged_share(det.policy)
-    return (f"rule {meta.rule}{f' ({options})' if options else ''}; monitored layers ({len(meta.layer_names)} of "
+    text = (f"rule {meta.rule}{f' ({options})' if options else ''}; monitored layers ({len(meta.layer_names)} of "
             f"L={meta.total_layers}): {', '.join(meta.layer_names)}\n"
             f"threshold {det.policy.describe()}, {folds}: flags {100 * share:.2f}% of the "
             f"{len(det.benign.scores)} benign references out-of-fold")
+    stages = [f"  {name} = {how}" for name, how in zip(meta.layer_names, meta.layer_computations) if how != name]
+    return text + ("\nwhere each monitored layer is the output of:\n" + "\n".join(stages) if stages else "")

@@ -23,8 +23,10 @@ demo: $(STAMP)
 	$(BIN)/python -m layerguard.demo $(DEMO_ARGS)
 
 test: $(STAMP) promtool
+	@mkdir -p build && date +%s > build/.test-start
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	@echo $$(( $$(date +%s) - $$(cat build/.test-start) )) > build/last-test-seconds  # read by scripts/refresh_docs.py
 
 # promtool and prometheus (Debian's prometheus package) check the alert rules and the dashboard's queries in
 # tests/test_ops.py. Installed here when missing and run as root; otherwise those tests skip (fail under CI).

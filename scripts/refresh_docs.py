@@ -9,7 +9,9 @@ Blocks are delimited by `<!-- generated:NAME -->` ... `<!-- /generated:NAME -->`
   `--stop`);
 - calibrate-output: the README's calibrate.py command on the exported demo data;
 - bench-headline: the headline of docs/benchmarks.md, from bench/results/*.json (`--only bench` refreshes
-  just this block, without the demo run).
+  just this block, without the demo run);
+- test-time: how long the last `make test` took (the Makefile writes build/last-test-seconds;
+  `--only test-time` refreshes just this block).
 tests/test_docs.py reruns the calibration and compares the numbers in these blocks with a fresh run, within
 the tolerances it states, so the docs cannot drift from what the code prints.
 """
@@ -78,6 +80,12 @@ def bench_headline() -> str:
     return "\n".join(body) + "\n\n" + link
 
 
+def test_time() -> str:
+    seconds = int((ROOT / "build" / "last-test-seconds").read_text().split()[0])
+    return (f"The last `make test` on the 2-core development machine took {seconds // 60} min {seconds % 60} s "
+            "(with the virtual environment already in place).")
+
+
 def write_blocks(blocks: dict[str, str]) -> None:
     for doc in DOCS:
         text = doc.read_text()
@@ -91,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["--only", "bench"]:
         write_blocks({"bench-headline": bench_headline()})
+        return 0
+    if argv[:2] == ["--only", "test-time"]:
+        write_blocks({"test-time": test_time()})
         return 0
     demo = run([PY, "-m", "layerguard.demo", "--keep-running"])
     try:

@@ -269,14 +269,23 @@ def add_wrap_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="print only where the archive is, no table or progress")
 
 
+def _quiet_ts(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a command with TorchServe's import-time notes (no ONNX, no OpenVINO...) silenced, then restore."""
+
+    def run(args: argparse.Namespace) -> int:
+        ts_logger = logging.getLogger("ts")
+        level = ts_logger.level
+        ts_logger.setLevel(logging.ERROR)
+        try:
+            return fn(args)
+        finally:
+            ts_logger.setLevel(level)
+
+    return run
+
+
 def run_wrap(args: argparse.Namespace) -> int:
-    ts_logger = logging.getLogger("ts")
-    level = ts_logger.level
-    ts_logger.setLevel(logging.ERROR)  # TorchServe's import-time notes (no ONNX, no IPEX...)
-    try:
-        return _wrap(args)
-    finally:
-        ts_logger.setLevel(level)
+    return _quiet_ts(_wrap)(args)
 
 
 def _wrap(args: argparse.Namespace) -> int:
@@ -314,6 +323,10 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    return _quiet_ts(_inspect)(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
     report = inspect_archive(args.archive, args.signing_key)
     print(report.text())
     return 0 if report.ok else 1

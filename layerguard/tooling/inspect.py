@@ -53,7 +53,8 @@ def inspect_archive(mar: str | Path, signing_key: str | Path | None = None) -> I
         manifest = extract_mar(mar, model_dir)
         meta = manifest.get("model") or {}
         report.lines.append(f"archive {mar}: model {meta.get('modelName')} version {meta.get('modelVersion')}")
-        if not report.check(meta.get("handler") == GUARD_HANDLER_FILE, "entry handler",
+        guarded = meta.get("handler") == GUARD_HANDLER_FILE
+        if not report.check(guarded, "entry handler", GUARD_HANDLER_FILE if guarded else
                             f"{meta.get('handler')} (expected {GUARD_HANDLER_FILE}: is this archive guarded?)"):
             return report
         config = read_yaml(model_dir / (meta.get("configFile") or "model-config.yaml"))

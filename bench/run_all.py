@@ -174,6 +174,7 @@ def decide(dets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+WELL_TRAINED = 0.85  # clean accuracy below which a zoo is reported as weakly trained
 TPR_TIE = 0.01  # mean TPRs within 1 point are a tie: the simpler configuration wins
 DEFAULT_OPTIONS = {"layers": "all", "reference": "predicted"}
 
@@ -345,6 +346,14 @@ def dataset_section(key: str, det: dict[str, Any], best: str | None, labels: dic
            f"{' with uncommitted edits' if code.get('layerguard_uncommitted_edits') else ''} (sources sha256 "
            f"{str(code.get('layerguard_sources_sha256', '?'))[:12]}).") if code else ""
     lines = [f"### {det['dataset_label']}", "", f"Made by {provenance(det)}.{lib}", ""]
+    accs = [m["clean_acc_scored"] for m in models.values() if _ok(m.get("clean_acc_scored"))]
+    if accs:
+        trained = "weakly trained" if max(accs) < WELL_TRAINED else "well trained"
+        lines += [f"These {det['dataset_label']} models are {trained}: {pct(min(accs))} to {pct(max(accs))}% clean "
+                  f"accuracy on the scored test images" + (
+                      " (a few epochs on 2 CPU cores; the well-trained CIFAR-10 zoo is being trained, "
+                      "bench/checkpoints/STATUS.md, and is not in these tables yet)." if trained == "weakly trained"
+                      else "."), ""]
     if det.get("quick"):
         lines += ["**Quick mode (`--quick`): one model, few images; a smoke test, not the reported numbers.**", ""]
     lines += [f"Reference images: {p['reference']} of the test split ({det.get('data')}, seed {p['seed']}), never "

@@ -62,7 +62,7 @@ def _decoded(p: Path, cache_dir: Path | None) -> dict[str, np.ndarray]:
             out[f"x_{split}"] = _decode_jpegs(z[f"{split}_jpeg"], z[f"{split}_offsets"])
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # per process: two runs may decode at once
         np.savez(tmp, **out)
         tmp.replace(cache)
     return out

@@ -24,6 +24,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def pillow_pixel_cap_restored_per_module():
+    """The same for guards loaded by module-scoped fixtures (set up before the per-test fixture saves the cap):
+    autouse fixtures of a scope run before the others of that scope, so this saves the cap first."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = saved
+
+
 @pytest.fixture(autouse=True)
 def pillow_pixel_cap_restored():
     """A guard loaded in-process sets Pillow's process-wide pixel cap (in a worker that is the point: one

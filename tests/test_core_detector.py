@@ -218,3 +218,49 @@ def test_references_are_scored_as_serving_scores_them_for_global_thresholds():
         fitter.update_out_of_fold(feats, torch.from_numpy(y), predicted)
         det = fitter.detector(ThresholdPolicy())
         assert sorted(det.benign.labels.tolist()) == sorted(expect_scored_as.tolist()), rule
+
+
+def test_mahalanobis_packed_layers_match_layer_by_layer(monkeypatch):
+    """Serving scores all layers as one block-diagonal matrix when they are narrow; wide ones go layer group by
+    layer group. Both must give the same terms (layers of different widths, classes in any order)."""
+    from layerguard.core.rules import mahalanobis
+
+    gen = torch.Generator().manual_seed(3)
+    widths = {"a": 3, "b": 5, "c": 3, "d": 2}
+    feats = {n: torch.randn(80, w, generator=gen) + 2.0 * (torch.arange(80) % 4)[:, None] for n, w in widths.items()}
+    labels = torch.arange(80) % 4
+    rule = create_rule("mahalanobis", tuple(widths), 4)
+    stats = rule.new_statistics(feats)
+    rule.update(stats, feats, labels)
+    rule.fit(stats, [str(c) for c in range(4)])
+    query = {n: rule.reduce(n, torch.randn(7, w, generator=gen)) for n, w in widths.items()}
+    classes = torch.tensor([3, 0, 1, 1, 2, 0, 3])
+    packed = rule.terms(query, classes, None)
+    monkeypatch.setattr(mahalanobis, "PACKED_MAX_WIDTH", 0)  # every layer set is now "too wide" to pack
+    layered = create_rule("mahalanobis", tuple(widths), 4)
+    layered.load_arrays(rule.arrays())
+    by_layer = layered.terms(query, classes, None)
+    assert packed.shape == (7, 4)
+    assert torch.allclose(packed, by_layer, rtol=1e-5, atol=1e-5)
+
+
+def test_fpr_spread_matches_simulated_thresholds():
+    """The spread calibrate prints is the real one: thresholds inferred from n benign references (normal
+    scores) deliver an FPR whose mean is the target and whose std is fpr_spread(target, n)."""
+    from math import erf, sqrt
+
+    from layerguard.core.thresholds import fpr_spread, references_for_spread
+
+    rng = np.random.default_rng(0)
+    n, target = 1000, 0.01
+    delivered = []
+    for _ in range(1000):
+        scores = rng.normal(size=n)
+        t = BenignScores(scores, np.zeros(n, dtype=np.int64), 1, per_class=False).thresholds(
+            ThresholdPolicy(target_fpr=target))[0]
+        delivered.append(0.5 * (1 + erf(t / sqrt(2))))  # the true FPR of threshold t on N(0, 1) traffic
+    delivered = np.array(delivered)
+    assert abs(delivered.mean() - target) < 0.0006
+    assert abs(delivered.std() - fpr_spread(target, n)) < 0.0006
+    assert abs(fpr_spread(0.01, 1000) - 0.00315) < 1e-5
+    assert references_for_spread(0.01, 0.0025) == 1584

@@ -63,17 +63,22 @@ class Detection:
         """JSON-ready annotations for the whole batch: one conversion to Python lists, not one per value.
         With `compact`, only the verdict, score, threshold and layer of interest. Values are rounded to 6
         decimals: short float reprs keep the JSON small and cheap to write, with no loss that matters."""
-        poisoned, scores = self.poisoned.tolist(), _rounded(self.scores)
-        thresholds, lois = _rounded(self.thresholds), self.layer_of_interest.tolist()
-        notes = [{"poisoned": poisoned[i], "score": scores[i], "threshold": thresholds[i],
-                  "layer_of_interest": layer_names[lois[i]]} for i in range(len(poisoned))]
+        with_sims = self.similarities is not None and not compact
+        columns = [self.scores[:, None], self.thresholds[:, None]]
         if not compact:
-            sims = _rounded(self.similarities) if self.similarities is not None else None
-            terms = _rounded(self.terms)
-            for i, note in enumerate(notes):
-                if sims is not None:
-                    note["similarities"] = dict(zip(layer_names, sims[i]))
-                note["terms"] = dict(zip(term_layers, terms[i]))
+            columns += [self.similarities, self.terms] if with_sims else [self.terms]
+        rows = _rounded(torch.cat(columns, dim=1))  # one conversion for every number of the batch
+        poisoned, lois = self.poisoned.tolist(), self.layer_of_interest.tolist()
+        k = len(layer_names)
+        notes = []
+        for i, row in enumerate(rows):
+            note = {"poisoned": poisoned[i], "score": row[0], "threshold": row[1],
+                    "layer_of_interest": layer_names[lois[i]]}
+            if not compact:
+                if with_sims:
+                    note["similarities"] = dict(zip(layer_names, row[2:2 + k]))
+                note["terms"] = dict(zip(term_layers, row[2 + k:] if with_sims else row[2:]))
+            notes.append(note)
         return notes
 
 
@@ -119,16 +124,19 @@ class Detector:
     def score_reduced(self, reduced: dict[str, tuple], predicted: torch.Tensor) -> Detection:
         """Verdicts for one batch from its reduced layer outputs (see `reducer`) and the predicted classes."""
         classes = predicted.detach().to(torch.int64)
-        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
-            raise ValueError(f"predicted class outside 0..{self.num_classes - 1}")
+        if classes.numel():
+            low, high = torch.aminmax(classes)
+            if int(low) < 0 or int(high) >= self.num_classes:
+                raise ValueError(f"predicted class outside 0..{self.num_classes - 1}")
+        device = self.profile.device
+        classes = classes.to(device)
         with_sims = all(reduced[n][0] is not None for n in self.layer_names)
         sims = self.profile.similarities_from({n: reduced[n][0] for n in self.layer_names}, classes) \
             if with_sims else None
-        device = self.profile.device
-        terms = self.rule.terms({n: reduced[n][1] for n in self.layer_names}, classes.to(device), sims)
-        scores = self.rule.combine(terms, classes.to(terms.device))
+        terms = self.rule.terms({n: reduced[n][1] for n in self.layer_names}, classes, sims)
+        scores = self.rule.combine(terms, classes).cpu()
         cpu = classes.cpu()
-        scores, thresholds = scores.cpu(), self._thresholds_t[cpu]
+        thresholds = self._thresholds_t[cpu]
         return Detection(predicted=cpu, similarities=None if sims is None else sims.cpu(), terms=terms.cpu(),
                          scores=scores, thresholds=thresholds, layer_of_interest=self._loi_t[cpu],
                          poisoned=scores < thresholds)

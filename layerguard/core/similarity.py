@@ -79,14 +79,16 @@ class CosineProfile:
     def reduce(self, name: str, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cosine needs of one layer's output, computed while it is still in cache (serving does this
         inside the layer's hook, so no activation outlives its layer): the dot products with every unit
-        centroid [B, C] (or, with many classes, the flattened output itself) and the norms [B]."""
+        centroid [C, B] (or, with many classes, the flattened output itself [B, D]) and the norms [B]."""
         f = flatten(output)
         if f.dtype != torch.float32 or f.device != self.device:
             f = f.to(self.device, torch.float32)
         norms = torch.linalg.vector_norm(f, dim=1)
         if self.num_classes <= MATMUL_MAX_CLASSES:
-            # one BLAS call against every centroid beats gathering a [B, D] copy when classes are few
-            return f @ self.unit_centroids[name].T, norms
+            # One BLAS call against every centroid beats gathering a [B, D] copy when classes are few.
+            # centroids @ f.T, not f @ centroids.T: the same numbers, and about 1.5x faster on CPU for these
+            # short-and-wide shapes (bench/guard_profile.py measures the hook)
+            return torch.mm(self.unit_centroids[name], f.T), norms
         return f, norms
 
     def similarities_from(self, reduced: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: torch.Tensor
@@ -95,8 +97,8 @@ class CosineProfile:
         classes = classes.to(self.device, torch.int64)
         parts = [reduced[n] for n in self.layer_names]
         if self.num_classes <= MATMUL_MAX_CLASSES:
-            every = torch.stack([dots for dots, _ in parts], dim=1)  # [B, K, C]
-            dots = every.gather(2, classes[:, None, None].expand(-1, len(parts), 1))[..., 0]
+            every = torch.stack([dots for dots, _ in parts])  # [K, C, B]
+            dots = every.gather(1, classes[None, None, :].expand(len(parts), 1, -1))[:, 0].T
         else:
             dots = torch.stack([(f * self.unit_centroids[n][classes]).sum(dim=1)
                                 for n, (f, _) in zip(self.layer_names, parts)], dim=1)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from ..core.artifact import CalibrationArtifact
 from ..core.detector import Detector
+from ..core.thresholds import fpr_spread, references_for_spread
 
-__all__ = ["CLASS_TABLE_HEAD", "class_table_rows", "describe_calibration", "format_class_table"]
+__all__ = ["CLASS_TABLE_HEAD", "class_table_rows", "describe_calibration", "expected_fpr_note", "format_class_table"]
 
 CLASS_TABLE_HEAD = ("class", "references", "layer of interest", "score mean", "score std", "threshold")
 
@@ -28,8 +29,19 @@ def format_class_table(artifact: CalibrationArtifact, detector: Detector | None 
                      for r in rows)
 
 
+def expected_fpr_note(target_fpr: float, n_references: int, spread: float = 0.0025) -> str:
+    """What FPR to expect on new benign traffic, with the spread that the number of references allows."""
+    sd = fpr_spread(target_fpr, n_references)
+    note = (f"expected FPR on new benign traffic with the references' class mix: {100 * target_fpr:.2f}% "
+            f"+/- {100 * sd:.2f} points (1 sd, from {n_references} references)")
+    need = references_for_spread(target_fpr, spread)
+    if need > n_references:
+        note += f"; {need} references would narrow it to +/- {100 * spread:.2f}"
+    return note
+
+
 def describe_calibration(artifact: CalibrationArtifact, detector: Detector | None = None) -> str:
-    """Two lines: rule, layers, threshold policy and what it delivered on the out-of-fold references."""
+    """Rule, layers, threshold policy, what it delivered on the out-of-fold references and what to expect."""
     det = detector or artifact.detector()
     meta = artifact.meta
     options = ", ".join(f"{k}={v}" for k, v in sorted(meta.rule_options.items()))
@@ -39,5 +51,7 @@ def describe_calibration(artifact: CalibrationArtifact, detector: Detector | Non
             f"L={meta.total_layers}): {', '.join(meta.layer_names)}\n"
             f"threshold {det.policy.describe()}, {folds}: flags {100 * share:.2f}% of the "
             f"{len(det.benign.scores)} benign references out-of-fold")
+    if det.policy.target_fpr is not None:
+        text += "\n" + expected_fpr_note(det.policy.target_fpr, len(det.benign.scores))
     stages = [f"  {name} = {how}" for name, how in zip(meta.layer_names, meta.layer_computations) if how != name]
     return text + ("\nwhere each monitored layer is the output of:\n" + "\n".join(stages) if stages else "")

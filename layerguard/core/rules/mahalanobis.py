@@ -24,7 +24,11 @@ from ..similarity import pool
 from ..stats import ClassScatter
 from .base import FitError, LayerStatistics, ScoringRule
 
-__all__ = ["MahalanobisRule", "oas_shrinkage"]
+__all__ = ["PACKED_MAX_WIDTH", "MahalanobisRule", "oas_shrinkage"]
+
+# Up to this total pooled width (all monitored layers), the layers are scored as one block-diagonal matrix
+# (4 MiB at most); wider ones (e.g. ResNet-50's stages) layer group by layer group.
+PACKED_MAX_WIDTH = 1024
 
 
 def oas_shrinkage(cov: torch.Tensor, n: float) -> float:
@@ -56,9 +60,10 @@ class MahalanobisRule(ScoringRule):
         self.precisions: dict[str, torch.Tensor] = {}
         self._term_set = frozenset(self.term_layers)
         self._groups: list | None = None
+        self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.term_mean = np.zeros(len(self.term_layers))
         self.term_std = np.ones(len(self.term_layers))
-        self._standardise = (torch.zeros(len(self.term_layers)), torch.ones(len(self.term_layers)))
+        self._standardise = (torch.tensor(0.0), -torch.ones(len(self.term_layers)))
 
     @property
     def term_layers(self) -> tuple[str, ...]:
@@ -90,7 +95,7 @@ class MahalanobisRule(ScoringRule):
             shrunk = (1.0 - rho) * cov + rho * scale * torch.eye(cov.shape[0], dtype=cov.dtype)
             self.means[name] = acc.means().to(torch.float32)
             self.precisions[name] = torch.linalg.inv(shrunk).to(torch.float32)
-        self._groups = None
+        self._groups = self._packed = None
 
     def reduce(self, name: str, output: torch.Tensor) -> torch.Tensor | None:
         if name not in self._term_set:
@@ -112,7 +117,28 @@ class MahalanobisRule(ScoringRule):
                                      torch.stack([self.precisions[n] for n in names])))
         return self._groups
 
+    def _packed_layers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """All layers as one: class means side by side [C, W] and the block-diagonal precision [W, W], for
+        a handful of ops per batch whatever the layer count (at serving batch sizes per-op dispatch, not
+        arithmetic, is the cost). None when the monitored layers are too wide for a dense [W, W] matrix."""
+        if self._packed is None:
+            widths = [int(self.means[n].shape[1]) for n in self.term_layers]
+            if sum(widths) > PACKED_MAX_WIDTH:
+                return None
+            device = self.means[self.term_layers[0]].device
+            # [W, K] with a 1 where pooled feature w belongs to layer k: sums each layer's block in one matmul
+            layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+            blocks = torch.nn.functional.one_hot(layer_of, len(widths)).to(device, torch.float32)
+            self._packed = (torch.cat([self.means[n] for n in self.term_layers], dim=1),
+                            torch.block_diag(*[self.precisions[n] for n in self.term_layers]), blocks)
+        return self._packed
+
     def terms(self, reduced, classes, similarities) -> torch.Tensor:
+        packed = self._packed_layers() if self.options["reference"] == "predicted" else None
+        if packed is not None:
+            means, precision, blocks = packed
+            diff = torch.cat([reduced[n] for n in self.term_layers], dim=1) - means[classes.to(means.device)]
+            return (((diff @ precision) * diff) @ blocks).clamp_min_(0.0).sqrt_()
         batch = next(reduced[n] for n in self.term_layers).shape[0]
         d2 = None
         for idx, names, mu, prec in self._layer_groups():
@@ -135,14 +161,15 @@ class MahalanobisRule(ScoringRule):
 
     def _set_standardisation(self, mean: np.ndarray, std: np.ndarray) -> None:
         self.term_mean, self.term_std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
-        self._standardise = (torch.as_tensor(self.term_mean, dtype=torch.float32),
-                             torch.as_tensor(self.term_std, dtype=torch.float32))
+        # -sum_l (t_l - mean_l) / std_l  =  bias + t @ weights: one op per batch
+        self._standardise = (torch.tensor(float((self.term_mean / self.term_std).sum()), dtype=torch.float32),
+                             torch.as_tensor(-1.0 / self.term_std, dtype=torch.float32))
 
     def combine(self, terms: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        mean, std = self._standardise
-        if mean.device != terms.device or mean.dtype != terms.dtype:
-            mean, std = mean.to(terms.device, terms.dtype), std.to(terms.device, terms.dtype)
-        return -((terms - mean) / std).sum(dim=1)
+        bias, weights = self._standardise
+        if weights.device != terms.device or weights.dtype != terms.dtype:
+            bias, weights = bias.to(terms.device, terms.dtype), weights.to(terms.device, terms.dtype)
+        return torch.addmv(bias.expand(terms.shape[0]), terms, weights)
 
     # ---- persistence ----
     def arrays(self) -> dict[str, np.ndarray]:
@@ -157,11 +184,11 @@ class MahalanobisRule(ScoringRule):
         self.means = {n: torch.from_numpy(np.asarray(arrays[f"mean/{n}"], dtype=np.float32)) for n in self.term_layers}
         self.precisions = {n: torch.from_numpy(np.asarray(arrays[f"precision/{n}"], dtype=np.float32))
                            for n in self.term_layers}
-        self._groups = None
+        self._groups = self._packed = None
 
     def to(self, device):
         self.means = {n: t.to(device) for n, t in self.means.items()}
         self.precisions = {n: t.to(device) for n, t in self.precisions.items()}
         self._standardise = tuple(t.to(device) for t in self._standardise)
-        self._groups = None
+        self._groups = self._packed = None
         return self

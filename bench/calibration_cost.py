@@ -65,7 +65,7 @@ def child(images: Path, labels_path: Path, batch: int, threads: int, rule: str =
     model, source = load_bench_model("resnet20")
     labels = np.load(labels_path)
     plan = default_plan(discover_layers(model, torch.rand(2, 3, 32, 32)))
-    config = CalibrationConfig(rule=rule, min_per_class=10)  # as shipped: default policy, 5 cross-fitted folds
+    config = CalibrationConfig(rule=rule, min_per_class=10)  # as shipped: default policy and cross-fitting folds
     rss_before = rss_bytes()
     reset = reset_peak_rss()
     t0 = time.perf_counter()

@@ -6,7 +6,8 @@ rebuilds the page from the JSON files already there (seconds), so the page and t
 disagree.
 
 Steps (each a subprocess, run one after another, never in parallel: parallel jobs would distort timings):
-  detection        bench/detection.py         detection quality per rule and peers, CIFAR-10 and GTSRB zoos
+  detection        bench/detection.py         detection quality per rule and peers: well-trained CIFAR-10,
+                                              GTSRB and weakly trained CIFAR-10 zoos
   overhead         bench/overhead.py          latency with/without layerguard, peers' cost, memory
   calibration_cost bench/calibration_cost.py  calibration throughput and peak memory vs. #images
   serving_load     bench/serving_load.py      TorchServe on 127.0.0.1, plain vs guarded .mar
@@ -32,6 +33,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.benchutil import REPO_ROOT, RESULTS_DIR, log, machine_info, now_utc, write_result  # noqa: E402
+from layerguard.core.detector import DEFAULT_FOLDS  # noqa: E402
 
 DOCS = REPO_ROOT / "docs"
 IMG = DOCS / "img"
@@ -100,7 +102,7 @@ def provenance(res: dict[str, Any]) -> str:
 
 
 # ---- detection: the decision ----------------------------------------------------------------------------
-DATASET_KEYS = ["cifar10", "gtsrb"]
+DATASET_KEYS = ["cifar10_full", "gtsrb", "cifar10"]  # page order: the well-trained zoos first
 PEERS = ["Mahalanobis (peer)", "SCALE-UP", "STRIP"]
 TARGET_ATTACKS = ["badnets", "blended", "sig"]  # TPR >= 99% at delivered FPR <= 1% is required on these
 STRETCH_ATTACKS = ["wanet", "adapblend"]  # AUROC >= 0.95 on these is the stretch goal
@@ -134,9 +136,53 @@ def attacked(m: dict[str, Any]) -> bool:
     return m.get("n_successful", 0) > 0
 
 
-def decide(dets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per rule configuration, over every backdoored model of every dataset: mean TPR at delivered 1% FPR,
-    mean AUROC, and how far the delivered FPR strays from its target on every model (clean included)."""
+def clean_accs(det: dict[str, Any]) -> list[float]:
+    return [m["clean_acc_scored"] for m in det["models"].values() if _ok(m.get("clean_acc_scored"))]
+
+
+def well_trained(det: dict[str, Any]) -> bool:
+    """Whether a dataset's zoo is well trained (its best clean accuracy on the scored images is at least
+    WELL_TRAINED); a zoo without a measured accuracy counts as well trained (nothing says otherwise)."""
+    accs = clean_accs(det)
+    return not accs or max(accs) >= WELL_TRAINED
+
+
+def dataset_label(det: dict[str, Any]) -> str:
+    """The dataset's label, marked "weakly trained" when its zoo is and the label does not already say so."""
+    label = det["dataset_label"]
+    return label if well_trained(det) or "trained" in label else f"{label}, weakly trained"
+
+
+def deciding(dets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The datasets whose models decide the default rule: the well-trained zoos (every one when none is)."""
+    return {k: d for k, d in dets.items() if well_trained(d)} or dets
+
+
+def model_attack(det: dict[str, Any], key: str) -> str:
+    """The attack a model row carries ("clean" for none): recorded per model and per row since the
+    well-trained CIFAR-10 zoo (rows "badnets", "badnets_ft"); before that the row name was the attack."""
+    m = det["models"].get(key) or {}
+    return m.get("attack") or (det.get("rows") or {}).get(key, {}).get("attack") or key
+
+
+def model_label(det: dict[str, Any], key: str) -> str:
+    """A model row as the tables show it: the attack, with the training route where the zoo has several
+    ("BadNets (fine-tuned)")."""
+    base = ATTACK_LABEL.get(model_attack(det, key), key)
+    route = (det.get("rows") or {}).get(key, {}).get("route")
+    return f"{base} ({route})" if route else base
+
+
+def rows_with(det: dict[str, Any], attack: str) -> list[tuple[str, dict[str, Any]]]:
+    """The evaluated rows of a dataset that carry ``attack`` (several when a zoo has several routes)."""
+    return [(k, m) for k, m in det["models"].items() if model_attack(det, k) == attack]
+
+
+def decide(dets: dict[str, dict[str, Any]], counted: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per rule configuration, over every backdoored model of every counted dataset (default: all): mean TPR at
+    delivered 1% FPR, mean AUROC, and how far the delivered FPR strays from its target on every model (clean
+    included). The mean TPR per dataset (``mean_tpr_1_per_dataset``) covers every dataset, counted or not."""
+    counted = set(dets) if counted is None else counted
     out: dict[str, dict[str, Any]] = {}
     for key in config_labels(dets):
         tpr1, tpr5, aucs, roc1, dev1, over1, dev5, n_models = [], [], [], [], [], [], [], 0
@@ -145,6 +191,10 @@ def decide(dets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             for m in det["models"].values():
                 r = m["rules"].get(key)
                 if r is None:
+                    continue
+                if dkey not in counted:
+                    if attacked(m):
+                        per_dataset.setdefault(dkey, []).append(r["target_fpr"]["0.01"]["tpr"])
                     continue
                 n_models += 1
                 dev1.append(abs(r["target_fpr"]["0.01"]["fpr"] - 0.01))
@@ -186,7 +236,8 @@ def config_index(dets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def complexity(cfg: dict[str, Any]) -> int:
     """How far a configuration is from the library's plain defaults (options, window, folds, tau)."""
     changed = sum(1 for k, v in (cfg.get("options") or {}).items() if DEFAULT_OPTIONS.get(k) != v)
-    window, folds, tau = bool(cfg.get("exclude_logits")), cfg.get("folds", 5) != 5, cfg.get("tau") is not None
+    window, tau = bool(cfg.get("exclude_logits")), cfg.get("tau") is not None
+    folds = cfg.get("folds", DEFAULT_FOLDS) != DEFAULT_FOLDS
     return changed + int(window) + int(folds) + int(tau)
 
 
@@ -194,11 +245,15 @@ def best_config(summary: dict[str, dict[str, Any]], configs: dict[str, dict[str,
     """The product's promise first: a rule qualifies when the FPR it delivers never exceeds the 1% asked for by
     more than 0.5 points on any model (flagging less than asked costs detection, which the TPR counts). Among
     those, the highest mean TPR at the delivered rate; means within 1 point are a tie, won by the configuration
-    closest to the plain defaults, then by mean AUROC."""
+    closest to the plain defaults, then by mean AUROC. When none qualifies, only those whose worst excess is
+    within 0.25 points of the smallest compete (a rule must not win by flagging more than asked)."""
     keys = [k for k, v in summary.items() if _ok(v["mean_tpr_1"])]
-    qualified = [k for k in keys if summary[k]["max_over_1"] <= FPR_TOLERANCE + 1e-12] or keys
-    if not qualified:
+    if not keys:
         return None
+    qualified = [k for k in keys if summary[k]["max_over_1"] <= FPR_TOLERANCE + 1e-12]
+    if not qualified:  # none keeps the promise everywhere: those that break it least, never the loosest
+        least = min(summary[k]["max_over_1"] for k in keys)
+        qualified = [k for k in keys if summary[k]["max_over_1"] <= least + FPR_TOLERANCE / 2]
     top = max(summary[k]["mean_tpr_1"] for k in qualified)
     near = [k for k in qualified if top - summary[k]["mean_tpr_1"] <= TPR_TIE]
     configs = configs or {}
@@ -206,7 +261,8 @@ def best_config(summary: dict[str, dict[str, Any]], configs: dict[str, dict[str,
 
 
 def conclusion(dets: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any]]) -> list[str]:
-    """The paragraph that states the decision and checks the targets, every number from the JSON."""
+    """The paragraph that states the decision and checks the targets, every number from the JSON. ``dets``
+    are the counted datasets (`deciding`), ``summary`` is `decide` over them."""
     best = best_config(summary, config_index(dets))
     if best is None:
         return ["No backdoored model was evaluated, so no rule can be chosen yet.", ""]
@@ -220,7 +276,7 @@ def conclusion(dets: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any
             "highest mean TPR at the delivered rate, means within 1 point counting as a tie won by the configuration "
             "closest to the plain defaults. ")
     text += (f"**By measurement the best rule is `{labels[best]}`**: over the {s['n_attacked']} backdoored models "
-            f"of {' and '.join(dets[d]['dataset_label'] for d in dets)} it detects on average {pct(s['mean_tpr_1'])}% "
+            f"of {' and '.join(dataset_label(dets[d]) for d in dets)} it detects on average {pct(s['mean_tpr_1'])}% "
             f"of successful attacks at a delivered 1% FPR (lowest {pct(s['min_tpr_1'])}%; {pct(s['mean_tpr_5'])}% "
             f"at 5%), mean AUROC {num(s['mean_auroc'])}")
     if runner:
@@ -234,39 +290,55 @@ def conclusion(dets: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any
     for det in dets.values():
         checks = []
         for a in TARGET_ATTACKS:
-            m = det["models"].get(a)
-            if m is None or not attacked(m):
+            rows = [(k, m) for k, m in rows_with(det, a) if attacked(m)]
+            if not rows:
                 checks.append(f"{ATTACK_LABEL[a]} not evaluated")
-                continue
-            r = m["rules"][best]["target_fpr"]["0.01"]
-            met = r["tpr"] >= 0.99 and r["fpr"] <= 0.01
-            checks.append(f"{ATTACK_LABEL[a]} {pct(r['tpr'])}% at {pct(r['fpr'], 2)}% "
-                          f"({'met' if met else 'not met'})")
-        parts.append(f"{det['dataset_label']}: " + ", ".join(checks))
+            for k, m in rows:
+                r = m["rules"][best]["target_fpr"]["0.01"]
+                met = r["tpr"] >= 0.99 and r["fpr"] <= 0.01
+                checks.append(f"{model_label(det, k)} {pct(r['tpr'])}% at {pct(r['fpr'], 2)}% "
+                              f"({'met' if met else 'not met'})")
+        parts.append(f"{dataset_label(det)}: " + ", ".join(checks))
     text += " (1) TPR >= 99% at delivered FPR <= 1% on BadNets/Blended/SIG - " + "; ".join(parts) + "."
     devs = []
     for det in dets.values():
         for a, m in det["models"].items():
             f = m["rules"][best]["target_fpr"]["0.01"]["fpr"]
             if abs(f - 0.01) > FPR_TOLERANCE + 1e-12:
-                devs.append(f"{det['dataset_label']} {ATTACK_LABEL.get(a, a)} {pct(f, 2)}%")
+                devs.append(f"{dataset_label(det)} {model_label(det, a)} {pct(f, 2)}%")
     text += (f" (2) Delivered FPR within 0.5 points of the 1% target on every model: "
              f"{'met' if not devs else 'not met'}, {s['within_1']} of {s['n_models']} models within "
              f"(largest deviation {pct(s['max_dev_1'], 2)} points{'; off: ' + ', '.join(devs) if devs else ''}); "
              f"at the 5% target {s['within_5']} of {s['n_models']} (largest deviation {pct(s['max_dev_5'], 2)} "
-             "points).")
+             "points). " + sampling_sentence(dets))
     stretch = []
     for det in dets.values():
         for a in STRETCH_ATTACKS:
-            m = det["models"].get(a)
-            if m is not None and attacked(m):
-                auc = m["rules"][best]["auroc"]
-                verdict = "met" if auc >= 0.95 else "not met"
-                stretch.append(f"{det['dataset_label']} {ATTACK_LABEL[a]} {num(auc)} ({verdict})")
+            for k, m in rows_with(det, a):
+                if attacked(m):
+                    auc = m["rules"][best]["auroc"]
+                    verdict = "met" if auc >= 0.95 else "not met"
+                    stretch.append(f"{dataset_label(det)} {model_label(det, k)} {num(auc)} ({verdict})")
     text += (" (3) AUROC >= 0.95 on WaNet/Adap-Blend (stretch): " + (", ".join(stretch) if stretch else
              "no such model evaluated") + ".")
     text += " " + threshold_sentence(dets, summary, labels, best)
     return [text, ""]
+
+
+def sampling_sentence(dets: dict[str, dict[str, Any]], target: float = 0.01) -> str:
+    """How far a model's measured FPR may sit from the target by sampling alone: the threshold's own spread
+    from the references it was set on (layerguard.core.thresholds.fpr_spread) and the test set's."""
+    pairs = [(m["n_reference"], m["n_benign"]) for det in dets.values() for m in det["models"].values()
+             if m.get("n_reference") and m.get("n_benign")]
+    if not pairs:
+        return ""
+    sds = [np.sqrt(target * (1 - target) * (1 / r + 1 / b)) for r, b in pairs]
+    refs = sorted({r for r, _ in pairs})
+    bens = sorted({b for _, b in pairs})
+    return (f"Sampling alone spreads a model's measured FPR around the target by {pct(min(sds), 2)}-"
+            f"{pct(max(sds), 2)} points (1 sd: the threshold comes from {refs[0]}-{refs[-1]} references, the rate "
+            f"is measured on {bens[0]}-{bens[-1]} benign test images), so a deviation under about twice that is "
+            "noise, not bias.")
 
 
 def threshold_sentence(dets: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any]], labels: dict[str, str],
@@ -290,7 +362,7 @@ def threshold_sentence(dets: dict[str, dict[str, Any]], summary: dict[str, dict[
         by_pred = float(np.mean([r["target_fpr_by_predicted"]["0.01"]["fpr"] for _, r in rows]))
         tpr = [r["target_fpr"]["0.01"]["tpr"] for m, r in rows if attacked(m)]
         tpr_pred = [r["target_fpr_by_predicted"]["0.01"]["tpr"] for m, r in rows if attacked(m)]
-        parts.append(f"{det['dataset_label']} (reference accuracy {pct(acc)}%): {pct(shipped, 2)}% FPR and "
+        parts.append(f"{dataset_label(det)} (reference accuracy {pct(acc)}%): {pct(shipped, 2)}% FPR and "
                      f"{pct(float(np.mean(tpr)) if tpr else None)}% TPR shipped, {pct(by_pred, 2)}% and "
                      f"{pct(float(np.mean(tpr_pred)) if tpr_pred else None)}% by predicted class")
     if parts:
@@ -307,7 +379,7 @@ def rule_rows(det: dict[str, Any], labels: dict[str, str], best: str | None) -> 
         for key, r in m["rules"].items():
             t1, t5, tau = r["target_fpr"]["0.01"], r["target_fpr"]["0.05"], r["tau"]["2.5"]
             name = f"**{labels.get(key, key)}**" if key == best else labels.get(key, key)
-            rows.append([ATTACK_LABEL.get(a, a), name, num(r.get("auroc")), pct(t1["tpr"]), pct(t1["fpr"], 2),
+            rows.append([model_label(det, a), name, num(r.get("auroc")), pct(t1["tpr"]), pct(t1["fpr"], 2),
                          pct(t5["tpr"]), pct(t5["fpr"], 2), f"{pct(tau['tpr'])} / {pct(tau['fpr'], 2)}"])
     return rows
 
@@ -320,7 +392,7 @@ def peer_rows(det: dict[str, Any], labels: dict[str, str], shown: list[str]) -> 
             if r is None:
                 continue
             t1, t5 = r["target_fpr"]["0.01"], r["target_fpr"]["0.05"]
-            rows.append([ATTACK_LABEL.get(a, a), f"layerguard: {labels.get(key, key)}", "1", num(r.get("auroc")),
+            rows.append([model_label(det, a), f"layerguard: {labels.get(key, key)}", "1", num(r.get("auroc")),
                          pct(t1["fpr"]), pct(t1["tpr"]), pct(t5["fpr"]), pct(t5["tpr"]),
                          pct(r.get("roc_tpr_at_0.01")), pct(r.get("roc_tpr_at_0.05")),
                          f"{m['n_benign']} / {m['n_successful']}"])
@@ -330,7 +402,7 @@ def peer_rows(det: dict[str, Any], labels: dict[str, str], shown: list[str]) -> 
                 continue
             r1, r5 = d["ref_fpr_0.01"], d["ref_fpr_0.05"]
             label = name + (f" (N={d['n']})" if "n" in d else "")
-            rows.append([ATTACK_LABEL.get(a, a), label, str(d["forward_passes"]), num(d.get("auroc")),
+            rows.append([model_label(det, a), label, str(d["forward_passes"]), num(d.get("auroc")),
                          pct(r1["fpr"]), pct(r1["tpr"]), pct(r5["fpr"]), pct(r5["tpr"]),
                          pct(d.get("roc_tpr_at_0.01")), pct(d.get("roc_tpr_at_0.05")),
                          f"{d['n_benign']} / {d['n_attacks']}"])
@@ -338,22 +410,34 @@ def peer_rows(det: dict[str, Any], labels: dict[str, str], shown: list[str]) -> 
 
 
 def dataset_section(key: str, det: dict[str, Any], best: str | None, labels: dict[str, str],
-                    images: dict[str, str]) -> list[str]:
+                    images: dict[str, str], counted: bool = True, full_cifar: bool = False) -> list[str]:
+    """One dataset's tables. ``counted``: its models count in the decision; ``full_cifar``: the page has a
+    well-trained CIFAR-10 section (what the weakly trained CIFAR-10 zoo's note points to)."""
     p = det["protocol"]
     models = det["models"]
     code = det.get("code") or {}
     lib = (f" Library: layerguard at commit {code.get('commit') or '?'}"
            f"{' with uncommitted edits' if code.get('layerguard_uncommitted_edits') else ''} (sources sha256 "
            f"{str(code.get('layerguard_sources_sha256', '?'))[:12]}).") if code else ""
-    lines = [f"### {det['dataset_label']}", "", f"Made by {provenance(det)}.{lib}", ""]
-    accs = [m["clean_acc_scored"] for m in models.values() if _ok(m.get("clean_acc_scored"))]
+    name = dataset_label(det)
+    lines = [f"### {name}", "", f"Made by {provenance(det)}.{lib}", ""]
+    accs = clean_accs(det)
+    routes = list(dict.fromkeys(m["route"] for m in models.values() if m.get("route")))
     if accs:
-        trained = "weakly trained" if max(accs) < WELL_TRAINED else "well trained"
-        lines += [f"These {det['dataset_label']} models are {trained}: {pct(min(accs))} to {pct(max(accs))}% clean "
-                  f"accuracy on the scored test images" + (
-                      " (a few epochs on 2 CPU cores; the well-trained CIFAR-10 zoo is being trained, "
-                      "bench/checkpoints/STATUS.md, and is not in these tables yet)." if trained == "weakly trained"
-                      else "."), ""]
+        trained = "well trained" if well_trained(det) else "weakly trained"
+        if trained == "weakly trained":
+            where = ("has its own section above" if full_cifar else
+                     "is being trained, bench/checkpoints/STATUS.md, and is not in these tables yet")
+            note = f" (a few epochs on 2 CPU cores; the well-trained CIFAR-10 zoo {where})."
+        else:
+            note = "."
+        if len(routes) > 1:
+            note += (" Training routes (column \"route\", from each model's json; bench/README.md): "
+                     + "; ".join(routes) + ".")
+        if not counted:
+            note += " These models do not count in the decision above, which is made on the well-trained zoos."
+        lines += [f"These models are {trained}: {pct(min(accs))} to {pct(max(accs))}% clean "
+                  f"accuracy on the scored test images{note}", ""]
     if det.get("quick"):
         lines += ["**Quick mode (`--quick`): one model, few images; a smoke test, not the reported numbers.**", ""]
     lines += [f"Reference images: {p['reference']} of the test split ({det.get('data')}, seed {p['seed']}), never "
@@ -364,18 +448,22 @@ def dataset_section(key: str, det: dict[str, Any], best: str | None, labels: dic
               f"and {p['strip_n'] + 1} forward passes an input.", ""]
     missing = [a for a in det.get("missing", []) if a not in models]
     if missing:
-        lines += [f"Not evaluated (no trained weights when this ran): {', '.join(missing)}.", ""]
+        stems = det.get("rows") or {}
+        shown = [model_label(det, a) + (f": `{stems[a]['stem']}`" if a in stems else "") for a in missing]
+        lines += [f"Not evaluated (no trained weights when this ran): {'; '.join(shown)}.", ""]
     rows = []
     for a, m in models.items():
         z = m.get("zoo", {})
-        rows.append([ATTACK_LABEL.get(a, a), str(m["target"]) if attacked(m) or a != "clean" else "-",
+        how = [m.get("route") or "-", str(z.get("epochs", "?"))] if routes else []
+        rows.append([model_label(det, a), *how, str(m["target"]) if attacked(m) or a != "clean" else "-",
                      pct(z.get("clean_acc")), pct(z.get("asr")), pct(m["clean_acc_scored"]), pct(m.get("asr_scored")),
                      str(m["n_successful"]), f"{m['seconds']:.0f}"])
-    lines += table(["model", "target", "clean acc % (test)", "ASR % (test)", "clean acc % (scored)",
-                    "ASR % (scored)", "successful attacks scored", "seconds"], rows)
-    lines += ["", "Clean accuracy and ASR of the first two columns come from the model's json (bench/train.py); "
+    lines += table(["model", *(["route", "epochs"] if routes else []), "target", "clean acc % (test)",
+                    "ASR % (test)", "clean acc % (scored)", "ASR % (scored)", "successful attacks scored", "seconds"],
+                   rows)
+    lines += ["", "Clean accuracy and ASR \"(test)\" come from the model's json (bench/train.py); "
               "\"scored\" ones from the images this benchmark scored.", ""]
-    lines += [f"#### Rules ({det['dataset_label']})", ""]
+    lines += [f"#### Rules ({name})", ""]
     lines += table(["model", "rule", "AUROC", "TPR @1%", "delivered FPR @1%", "TPR @5%", "delivered FPR @5%",
                     "tau 2.5: TPR / FPR"], rule_rows(det, labels, best))
     lines += ["", "All rates in %. \"@1%\" / \"@5%\": the threshold policy `target_fpr` 0.01 / 0.05, inferred from "
@@ -385,9 +473,9 @@ def dataset_section(key: str, det: dict[str, Any], best: str | None, labels: dic
               "the per-class standardised score that every threshold cuts. The clean model's rows show only the "
               "FPR. Bold: the rule chosen below.", ""]
     shown = [k for k in dict.fromkeys([best, "cosine-loi/paper"]) if k]
-    lines += [f"#### Peers at equal FPR ({det['dataset_label']})", ""]
+    lines += [f"#### Peers at equal FPR ({name})", ""]
     lines += ["Each peer's threshold is the 1% (5%) quantile of its scores on the reference images (the penultimate "
-              "Mahalanobis peer's are out-of-fold, 5 folds), the same target the layerguard rows use; the FPR "
+              "Mahalanobis peer's are out-of-fold, 10 folds), the same target the layerguard rows use; the FPR "
               "it then delivers on the held-out benign images is shown next to the TPR. \"ROC TPR\" reads the TPR "
               "off the scored ROC at exactly 1% (5%) FPR (an oracle threshold: like-for-like at equal FPR).", ""]
     lines += table(["model", "detector", "passes / input", "AUROC", "@1%: FPR", "@1%: TPR", "@5%: FPR", "@5%: TPR",
@@ -400,7 +488,7 @@ def dataset_section(key: str, det: dict[str, Any], best: str | None, labels: dic
     diag = {a: m["layer_diagnostic"] for a, m in models.items() if m.get("layer_diagnostic")}
     if diag:
         layers = next(iter(diag.values()))["layers"]
-        lines += [f"#### Which monitored layer separates the attacks ({det['dataset_label']}, diagnostic)", "",
+        lines += [f"#### Which monitored layer separates the attacks ({name}, diagnostic)", "",
                   "Per layer, AUROC of successful attacks against benign images of one term alone: the cosine "
                   "similarity to the target class's centroid (benign: scored images predicted as the target; **bold** "
                   "= the paper's window LOI-2..LOI for the target class) and the Mahalanobis distance to the "
@@ -408,19 +496,19 @@ def dataset_section(key: str, det: dict[str, Any], best: str | None, labels: dic
         rows = []
         for a, d in diag.items():
             window = set(d.get("window_target", []))
-            rows.append([ATTACK_LABEL.get(a, a), f"cosine (n benign {d['cosine_benign_n']})",
+            rows.append([model_label(det, a), f"cosine (n benign {d['cosine_benign_n']})",
                          *[f"**{num(v)}**" if n in window else num(v) for n, v in zip(d["layers"], d["cosine"])]])
             by_layer = dict(zip(d["mahalanobis_layers"], d["mahalanobis"]))
-            rows.append([ATTACK_LABEL.get(a, a), "mahalanobis", *[num(by_layer.get(n)) for n in layers]])
+            rows.append([model_label(det, a), "mahalanobis", *[num(by_layer.get(n)) for n in layers]])
         lines += table(["model", "term", *layers], rows)
         lines += [""]
     if images.get("roc"):
-        lines += [f"![ROC per model, {det['dataset_label']}]({images['roc']})", "",
-                  f"ROC per backdoored model ({det['dataset_label']}): TPR over successful attacks against FPR over "
+        lines += [f"![ROC per model, {name}]({images['roc']})", "",
+                  f"ROC per backdoored model ({name}): TPR over successful attacks against FPR over "
                   "held-out benign images, log FPR axis; solid lines layerguard's rule configurations, dashed the "
                   "peers; AUROC in the legend order is in the tables above.", ""]
     if images.get("fpr"):
-        lines += [f"![Delivered FPR, {det['dataset_label']}]({images['fpr']})", "",
+        lines += [f"![Delivered FPR, {name}]({images['fpr']})", "",
                   "Delivered FPR on held-out benign images for the 1% and 5% targets, per model and rule; the "
                   "shaded band is the target +- 0.5 points.", ""]
     return lines
@@ -442,11 +530,11 @@ def threshold_diagnostic(det: dict[str, Any], labels: dict[str, str]) -> list[st
             shipped, pred = r["target_fpr"]["0.01"], r["target_fpr_by_predicted"]["0.01"]
             cells.append(f"{pct(shipped['fpr'], 2)} / {pct(pred['fpr'], 2)}")
             cells.append(f"{pct(shipped['tpr'])} / {pct(pred['tpr'])}")
-        rows.append([ATTACK_LABEL.get(a, a), pct(m.get("reference_acc")), *cells])
+        rows.append([model_label(det, a), pct(m.get("reference_acc")), *cells])
     header = ["model", "reference accuracy %"]
     for k in keys:
         header += [f"{labels.get(k, k)}: FPR @1%", f"{labels.get(k, k)}: TPR @1%"]
-    lines = [f"#### Where the threshold comes from ({det['dataset_label']}, diagnostic)", "",
+    lines = [f"#### Where the threshold comes from ({dataset_label(det)}, diagnostic)", "",
              "Calibration scores each reference image against its *true* class; serving scores every input "
              "against its *predicted* class. On a model that misclassifies many benign images the two differ. "
              "Each cell: the shipped threshold (cross-fitted, true class) / a threshold from the same references "
@@ -458,9 +546,20 @@ def threshold_diagnostic(det: dict[str, Any], labels: dict[str, str]) -> list[st
     return lines + [""]
 
 
+def counted_note(dets: dict[str, dict[str, Any]], counted: dict[str, dict[str, Any]]) -> str:
+    """Which datasets decide, when some do not (a weakly trained zoo is shown, not counted)."""
+    left = [dataset_label(d) for k, d in dets.items() if k not in counted]
+    if not left:
+        return ""
+    zoos = " and ".join(dataset_label(d) for d in counted.values())
+    return (f"The decision is made on the well-trained zoos ({zoos}), every backdoored model of each; "
+            f"{' and '.join(left)} is shown for comparison and does not count. ")
+
+
 def detection_section(dets: dict[str, dict[str, Any]], docs: Path) -> list[str]:
     labels = config_labels(dets)
-    summary = decide(dets)
+    counted = deciding(dets)
+    summary = decide(dets, set(counted))
     best = best_config(summary, config_index(dets))
     configs = next(iter(dets.values())).get("configs", [])
     lines = ["## Detection quality: which rule is the default", ""]
@@ -477,7 +576,8 @@ def detection_section(dets: dict[str, dict[str, Any]], docs: Path) -> list[str]:
     lines += ["", "Whatever the calibration policy, every row is evaluated at the same three thresholds, all derived "
               "from the rule's reference scores without refitting: target FPR 1%, target FPR 5%, tau 2.5.", ""]
     lines += ["### Decision", ""]
-    lines += conclusion(dets, summary)
+    decision = conclusion(counted, summary)
+    lines += [counted_note(dets, counted) + decision[0], *decision[1:]]
     rows = []
     for key, s in sorted(summary.items(), key=lambda kv: -kv[1]["mean_tpr_1"] if _ok(kv[1]["mean_tpr_1"]) else 1):
         name = f"**{labels[key]}**" if key == best else labels[key]
@@ -486,11 +586,13 @@ def detection_section(dets: dict[str, dict[str, Any]], docs: Path) -> list[str]:
                      num(s["mean_auroc"]),
                      f"{s['within_1']} / {s['n_models']}", pct(s["max_dev_1"], 2), f"{s['within_5']} / {s['n_models']}",
                      pct(s["max_dev_5"], 2)])
-    lines += table(["rule", "mean TPR @1%", *[f"mean TPR @1%, {d['dataset_label']}" for d in dets.values()],
+    lines += table(["rule", "mean TPR @1%", *[f"mean TPR @1%, {dataset_label(d)}"
+                                              + ("" if k in counted else " (not counted)") for k, d in dets.items()],
                     "lowest TPR @1%", "mean TPR @5%", "mean ROC TPR @1% (oracle)", "mean AUROC",
                     "FPR within 0.5 pt of 1%", "largest deviation (pt)", "FPR within 0.5 pt of 5%",
                     "largest deviation (pt)"], rows)
-    lines += ["", "Over every backdoored model of every dataset below (means of per-model rates); FPR deviations over "
+    scope = "every dataset below" if len(counted) == len(dets) else "the well-trained datasets below"
+    lines += ["", f"Over every backdoored model of {scope} (means of per-model rates); FPR deviations over "
               "every model, the clean ones included. Sorted by mean TPR at a delivered 1% FPR, the criterion. "
               "\"ROC TPR @1% (oracle)\" is the TPR at exactly 1% FPR on the held-out images, what a perfectly "
               "calibrated threshold would give: the rule's separation alone, without its threshold's error.", ""]
@@ -500,7 +602,8 @@ def detection_section(dets: dict[str, dict[str, Any]], docs: Path) -> list[str]:
             images["roc"] = f"img/detection_roc_{key}.png"
         if plot_fpr(det, labels, docs / "img" / f"detection_fpr_{key}.png"):
             images["fpr"] = f"img/detection_fpr_{key}.png"
-        lines += dataset_section(key, det, best, labels, images)
+        lines += dataset_section(key, det, best, labels, images, counted=key in counted,
+                                 full_cifar="cifar10_full" in dets)
     return lines
 
 
@@ -542,12 +645,12 @@ def plot_roc(det: dict[str, Any], labels: dict[str, str], path: Path) -> bool:
         ax.set_xscale("log")
         ax.set_xlim(0.1, 100)
         ax.set_ylim(-2, 102)
-        ax.set_title(f"{ATTACK_LABEL.get(a, a)} ({m['n_successful']} attacks, {m['n_benign']} benign)", fontsize=9)
+        ax.set_title(f"{model_label(det, a)} ({m['n_successful']} attacks, {m['n_benign']} benign)", fontsize=9)
         ax.set_xlabel("FPR on held-out benign images (%, log scale)", fontsize=8)
         ax.set_ylabel("TPR on successful attacks (%)", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.suptitle(f"{det['dataset_label']}: ROC per model (dotted line: 1% FPR)", fontsize=10)
+    fig.suptitle(f"{dataset_label(det)}: ROC per model (dotted line: 1% FPR)", fontsize=10)
     fig.tight_layout(rect=(0, 0.85 / height, 1, 1 - 0.3 / height))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -574,14 +677,16 @@ def plot_fpr(det: dict[str, Any], labels: dict[str, str], path: Path) -> bool:
                     else float("nan") for a in models]
             ax.bar(np.arange(len(models)) + (i - (len(keys) - 1) / 2) * width, vals, width, color=colours[i % 10],
                    label=labels.get(k, k))
-        ax.set_xticks(np.arange(len(models)), ["clean" if a == "clean" else ATTACK_LABEL.get(a, a) for a in models],
-                      fontsize=7)
+        ticks = ["clean" if model_attack(det, a) == "clean" else model_label(det, a) for a in models]
+        tilt = len(models) > 6 or max(len(t) for t in ticks) > 12  # long labels ("BadNets (fine-tuned)") overlap
+        ax.set_xticks(np.arange(len(models)), ticks, fontsize=7, rotation=30 if tilt else 0,
+                      ha="right" if tilt else "center")
         ax.set_ylabel("delivered FPR on held-out benign images (%)", fontsize=8)
         ax.set_xlabel("model", fontsize=8)
         ax.set_title(f"target FPR {target:g}%", fontsize=9)
         ax.tick_params(labelsize=7)
     axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle(f"{det['dataset_label']}: FPR each threshold delivers", fontsize=10)
+    fig.suptitle(f"{dataset_label(det)}: FPR each threshold delivers", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -710,10 +815,11 @@ def rule_note(entries: Any) -> str:
 
 
 def calibration_section(cal: dict[str, Any], img_ok: bool) -> list[str]:
+    folds = (cal.get("runs") or [{}])[0].get("folds", 5)
     lines = ["### Calibration throughput and peak memory", "",
              f"Made by {provenance(cal)}; {cal['model']}, batch {cal['batch']}, {cal['threads']} torch thread(s); "
              "each size in a fresh process, images streamed from disk one batch at a time."
-             + (f" Rule `{cal['rule']}`, 5 cross-fitted folds (two passes)." if cal.get("rule") else ""), ""]
+             + (f" Rule `{cal['rule']}`, {folds} cross-fitted folds (two passes)." if cal.get("rule") else ""), ""]
     rows = [[str(r["images"]), f"{r['seconds']:.1f}", f"{r['images_per_s']:.0f}", f"{r['peak_extra_mb']:.1f}",
              f"{r['peak_rss_mb']:.0f}"] for r in cal["runs"]]
     lines += table(["reference images", "seconds", "images / s (2 passes)", "peak extra RSS MB",
@@ -776,33 +882,46 @@ def serving_arch_lines(one: dict[str, Any]) -> list[str]:
 
 def headline_section(dets: dict[str, dict[str, Any]], ov: dict[str, Any] | None, sl: dict[str, Any] | None
                      ) -> list[str]:
-    """A few sentences computed from the results: what a reader should take away first."""
+    """A few sentences computed from the results: what a reader should take away first. The well-trained zoos
+    lead, one line per model; a weakly trained zoo (not counted in the decision) gets one summary line."""
     lines = ["## Headline", ""]
     if dets:
-        summary = decide(dets)
+        counted = deciding(dets)
+        summary = decide(dets, set(counted))
         best = best_config(summary, config_index(dets))
         labels = config_labels(dets)
         if best:
             s = summary[best]
+            zoos = " and ".join(dataset_label(d) for d in counted.values())
             lines.append(f"- Detection: the best rule by measurement is `{labels[best]}`: mean TPR "
-                         f"{pct(s['mean_tpr_1'])}% at a delivered 1% FPR over {s['n_attacked']} backdoored models, "
-                         f"mean AUROC {num(s['mean_auroc'])}, delivered FPR within 0.5 points of the 1% target on "
-                         f"{s['within_1']} of {s['n_models']} models.")
-        for det in dets.values():
+                         f"{pct(s['mean_tpr_1'])}% at a delivered 1% FPR over {s['n_attacked']} backdoored models "
+                         f"({zoos}), mean AUROC {num(s['mean_auroc'])}, delivered FPR within 0.5 points of the 1% "
+                         f"target on {s['within_1']} of {s['n_models']} models.")
+        for key, det in [*counted.items(), *((k, d) for k, d in dets.items() if k not in counted)]:
+            if key not in counted:
+                w = decide({key: det}).get(best) if best else None
+                accs = clean_accs(det)
+                if w and _ok(w["mean_tpr_1"]):
+                    lines.append(f"- {dataset_label(det)} ({pct(min(accs))} to {pct(max(accs))}% clean accuracy; "
+                                 f"not counted in the decision): `{labels[best]}` mean TPR {pct(w['mean_tpr_1'])}% "
+                                 f"at a delivered 1% FPR over {w['n_attacked']} backdoored models (lowest "
+                                 f"{pct(w['min_tpr_1'])}%), mean AUROC {num(w['mean_auroc'])}; per model in "
+                                 "docs/benchmarks.md.")
+                continue
             for a, m in det["models"].items():
                 if best is None or best not in m["rules"]:
                     continue
                 r = m["rules"][best]
                 t1 = r["target_fpr"]["0.01"]
                 if not attacked(m):
-                    lines.append(f"- {det['dataset_label']} {ATTACK_LABEL.get(a, a)}: `{labels[best]}` flags "
+                    lines.append(f"- {dataset_label(det)}, {model_label(det, a)}: `{labels[best]}` flags "
                                  f"{pct(t1['fpr'], 2)}% of held-out benign images at the 1% target.")
                     continue
                 peers = {n: d.get("roc_tpr_at_0.01") for n, d in m["peers"].items()}
                 top = max(peers, key=lambda n: peers[n] if _ok(peers[n]) else -1) if peers else None
                 peer = (f"; best peer at 1% FPR (ROC): {top} {pct(peers[top])}% (AUROC "
                         f"{num(m['peers'][top].get('auroc'))})") if top else ""
-                lines.append(f"- {det['dataset_label']} {ATTACK_LABEL.get(a, a)}: TPR {pct(t1['tpr'])}% at a "
+                lines.append(f"- {dataset_label(det)}, {model_label(det, a)}: TPR {pct(t1['tpr'])}% at a "
                              f"delivered FPR of {pct(t1['fpr'], 2)}%, AUROC {num(r.get('auroc'))}{peer}.")
         lines.append("- The paper's anchor: TPR 99.46% at FPR 1.22% (tau 2.5; ResNet-18, input-aware dynamic attack).")
     if ov:
@@ -836,7 +955,7 @@ def render(results: Path = RESULTS_DIR, docs: Path = DOCS) -> str:
                                                        "guard_profile"))
     lines = ["# Benchmarks", "",
              "<!-- generated by bench/run_all.py from bench/results/*.json; do not edit by hand -->", ""]
-    step_results = {**{f"detection ({d['dataset_label']})": d for d in dets.values()}, "overhead": ov,
+    step_results = {**{f"detection ({dataset_label(d)})": d for d in dets.values()}, "overhead": ov,
                     "guard_profile": gp, "calibration_cost": cal, "serving_load": sl}
     secs = {k: v["seconds"] for k, v in step_results.items() if v and "seconds" in v}
     machine = next((v["machine"] for v in step_results.values() if v), None)

@@ -9,7 +9,8 @@ Blocks are delimited by `<!-- generated:NAME -->` ... `<!-- /generated:NAME -->`
   `--stop`);
 - calibrate-output: the README's calibrate.py command on the exported demo data;
 - bench-headline: the headline of docs/benchmarks.md, from bench/results/*.json (`--only bench` refreshes
-  just this block, without the demo run);
+  just this block, without the demo run): the rule chosen on the well-trained zoos, one line per model of
+  each (well-trained CIFAR-10 first, then GTSRB), then one summary line for the weakly trained CIFAR-10 zoo;
 - test-time: how long the last `make test` took (the Makefile writes build/last-test-seconds;
   `--only test-time` refreshes just this block).
 tests/test_docs.py reruns the calibration and compares the numbers in these blocks with a fresh run, within
@@ -68,13 +69,14 @@ def curl_response(image: str) -> str:
     return "```json\n" + json.dumps(answer, indent=2) + "\n```"
 
 
-def bench_headline() -> str:
-    """The benchmark page's headline, from the result files (bench/run_all.py computes it)."""
+def bench_headline(results: Path | None = None) -> str:
+    """The benchmark page's headline, from the result files in ``results`` (default bench/results;
+    bench/run_all.py computes it)."""
     sys.path.insert(0, str(ROOT))
     from bench.run_all import RESULTS_DIR, headline_section, load, load_detection
 
-    lines = headline_section(load_detection(RESULTS_DIR), load(RESULTS_DIR, "overhead"),
-                             load(RESULTS_DIR, "serving_load"))
+    results = results or RESULTS_DIR
+    lines = headline_section(load_detection(results), load(results, "overhead"), load(results, "serving_load"))
     body = [ln for ln in lines[1:] if ln.strip()]
     link = "Every figure with its command, machine and date: [docs/benchmarks.md](docs/benchmarks.md)."
     return "\n".join(body) + "\n\n" + link

@@ -25,7 +25,7 @@ def calibrated(backdoored_mnist, mnist_splits):
 
 
 def test_triggered_digits_are_flagged_on_held_out_data(calibrated):
-    """The default (Mahalanobis rule, 1% target FPR from 5-fold cross-fitted references)."""
+    """The default (Mahalanobis rule, 1% target FPR from 10-fold cross-fitted references)."""
     model, artifact, benign, poisoned = calibrated
     det = artifact.detector()
     quality = detection_quality(score_batches(model, det, benign.batches(128)),

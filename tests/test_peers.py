@@ -232,7 +232,7 @@ def test_render_builds_the_page_from_json_only(tmp_path: Path) -> None:
     assert "| BadNets | cosine (n benign 9) | **0.990** | **0.600** |" in text  # layer diagnostic
     assert "| BadNets | 70.0 | 2.00 / 0.90 | 50.0 / 50.0 |" in text  # the threshold-source diagnostic (cosine)
     assert "CIFAR-10 (reference accuracy 70.0%): 2.00% FPR and 50.0% TPR shipped" in text  # ... in the conclusion
-    assert "Not evaluated (no trained weights when this ran): sig." in text
+    assert "Not evaluated (no trained weights when this ran): SIG." in text
     assert "- TorchServe, small net, guarded vs plain .mar: throughput x0.900" in text  # one line per architecture
     assert "#### big net" in text and "throughput x0.990" in text
     for img in ("detection_roc_cifar10.png", "detection_fpr_cifar10.png", "calibration_cost.png"):
@@ -291,3 +291,96 @@ def test_attack_is_rebuilt_with_the_training_settings() -> None:
                        "unknown_note": "ignored"}}
     assert attack_from_meta("wanet", meta).s == 2.0
     assert attack_from_meta("wanet", None).s == 0.5  # no record: the attack's defaults
+
+
+# ---- the well-trained CIFAR-10 zoo: rows, routes, the decision on well-trained zoos ------------------------
+def test_well_trained_cifar_rows_map_to_weights_and_attacks() -> None:
+    from bench.detection import ATTACKS, DATASETS, FINE_TUNED, attack_from_meta, main
+
+    ds = DATASETS["cifar10_full"]
+    rows = ds.model_rows()
+    assert rows["clean"].stem == "cifar_full_clean" and rows["badnets_scratch"].stem == "cifar_full_badnets"
+    assert rows["badnets_ft"].stem == "cifar_ft_badnets" and rows["badnets_ft"].attack == "badnets"
+    assert {r.attack for r in rows.values()} == {"clean", *ATTACKS}  # every attack has a row
+    assert list(ds.select(["badnets"])) == ["badnets_scratch", "badnets_ft"]  # an attack selects every route
+    assert list(ds.select(["badnets_scratch"])) == ["badnets_scratch"]  # a row name only that row
+    assert not set(rows) & set(ATTACKS)  # so no row name is also an attack
+    assert list(ds.select(["sig_ft", "clean"])) == ["clean", "sig_ft"]  # table order
+    assert ds.stem("wanet_ft") == "cifar_ft_wanet"
+    assert DATASETS["gtsrb"].stem("sig") == "gtsrb_sig" and DATASETS["cifar10"].stem("badnets") == "badnets"
+    assert list(DATASETS["cifar10"].model_rows()) == ["clean", *ATTACKS]
+    # the records on disk agree with the rows (attack and route), for the models trained so far
+    weights = Path(__file__).resolve().parents[1] / "bench" / "weights"
+    for spec in rows.values():
+        path = weights / f"{spec.stem}.json"
+        if not path.is_file():
+            continue
+        meta = json.loads(path.read_text())
+        assert (meta.get("attack") or {}).get("name", "clean") == spec.attack, spec.stem
+        assert meta["route"].startswith("poisoned fine-tuning") == (spec.route == FINE_TUNED), spec.stem
+    with pytest.raises(ValueError, match="blended"):
+        attack_from_meta("badnets", {"attack": {"name": "blended", "alpha": 0.2}})
+    with pytest.raises(SystemExit):
+        main(["--datasets", "cifar10_full", "--models", "nope"])
+
+
+def test_render_decides_on_the_well_trained_zoos(tmp_path: Path) -> None:
+    """A well-trained CIFAR-10 section with two routes per attack, and the weakly trained zoo shown but not
+    counted in the decision."""
+    import copy
+
+    from bench.run_all import render
+
+    results = tmp_path / "results"
+    _fake_results(results)
+    weak = json.loads((results / "detection_cifar10.json").read_text())
+    full = copy.deepcopy(weak)
+    for m in weak["models"].values():
+        m["clean_acc_scored"] = 0.7  # weakly trained
+    (results / "detection_cifar10.json").write_text(json.dumps(weak))
+    scratch, ft = "from scratch", "poisoned fine-tuning of cifar_full_clean"
+    src = full["models"]
+    models = {"clean": {**src["clean"], "attack": "clean", "route": scratch, "zoo": {"epochs": 45}},
+              "badnets_scratch": {**src["badnets"], "attack": "badnets", "route": scratch, "zoo": {"epochs": 45}},
+              "badnets_ft": copy.deepcopy({**src["badnets"], "attack": "badnets", "route": ft, "zoo": {"epochs": 6}}),
+              "wanet_ft": {**src["wanet"], "attack": "wanet", "route": ft, "zoo": {"epochs": 12}}}
+    models["badnets_ft"]["rules"]["mahalanobis"]["target_fpr"]["0.01"]["tpr"] = 0.9
+    rows = {"clean": {"stem": "cifar_full_clean", "attack": "clean", "route": ""},
+            **{r: {"stem": f"cifar_{'ft' if r.endswith('_ft') else 'full'}_{a}", "attack": a,
+                   "route": "fine-tuned" if r.endswith("_ft") else "from scratch"}
+               for r, a in (("badnets_scratch", "badnets"), ("badnets_ft", "badnets"), ("blended_scratch", "blended"),
+                            ("wanet_ft", "wanet"))}}
+    full.update(dataset="cifar10_full", dataset_label="CIFAR-10, well-trained ResNet-20", models=models, rows=rows,
+                missing=["blended_scratch"])
+    (results / "detection_cifar10_full.json").write_text(json.dumps(full))
+
+    text = render(results, tmp_path / "docs")
+    assert text.index("### CIFAR-10, well-trained ResNet-20") < text.index("### CIFAR-10, weakly trained")
+    assert "The decision is made on the well-trained zoos (CIFAR-10, well-trained ResNet-20)" in text
+    # counted: the three backdoored well-trained models only, (99.5 + 90 + 60) / 3; the weak zoo's 79.8 shown apart
+    assert "| **mahalanobis (all)** | 83.2 | 83.2 | 79.8 | 60.0 |" in text
+    assert "mean TPR @1%, CIFAR-10, weakly trained (not counted) |" in text
+    assert "BadNets (from scratch) 99.5% at 1.20% (not met), BadNets (fine-tuned) 90.0% at 1.20% (not met)" in text
+    assert "| BadNets (fine-tuned) | poisoned fine-tuning of cifar_full_clean | 6 | 0 |" in text  # route per row
+    assert "| WaNet (fine-tuned) | **mahalanobis (all)** |" in text
+    assert "Not evaluated (no trained weights when this ran): Blended (from scratch): `cifar_full_blended`." in text
+    assert "the well-trained CIFAR-10 zoo has its own section above" in text
+    headline = text.split("## Headline")[1].split("\n## ")[0]
+    assert headline.index("CIFAR-10, well-trained ResNet-20, BadNets (fine-tuned): TPR 90.0%") < \
+        headline.index("- CIFAR-10, weakly trained (70.0 to 70.0% clean accuracy; not counted in the decision)")
+    assert "weakly trained, BadNets" not in headline  # the weak zoo is one summary line
+    for img in ("detection_roc_cifar10_full.png", "detection_fpr_cifar10_full.png"):
+        assert (tmp_path / "docs" / "img" / img).stat().st_size > 0
+
+
+def test_decision_never_rewards_flagging_more_than_asked():
+    """When no rule keeps the delivered FPR within 0.5 points everywhere, the one that breaks it least wins,
+    not the one whose looser threshold buys the most TPR."""
+    from bench.run_all import best_config
+
+    def row(over: float, tpr: float) -> dict:
+        return {"mean_tpr_1": tpr, "max_over_1": over, "mean_auroc": 0.9}
+
+    assert best_config({"loose": row(0.03, 0.95), "tight": row(0.007, 0.60)}) == "tight"
+    assert best_config({"loose": row(0.03, 0.95), "ok": row(0.004, 0.50)}) == "ok"
+    assert best_config({}) is None

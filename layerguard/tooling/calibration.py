@@ -1,7 +1,7 @@
 """Calibration runs: two streaming passes of benign reference images through the model, fitting a detector.
 
 Pass 1 feeds every reference's features into the fitter's per-fold statistics. Pass 2 scores every
-reference with the statistics of the folds it was not in (k-fold cross-fitting, default 5 folds), against
+reference with the statistics of the folds it was not in (k-fold cross-fitting, default 10 folds), against
 the class the model predicts for it (as serving will), and the thresholds come from those out-of-fold
 scores: no reference is lost, and none is scored by statistics it helped make. `folds=1` is the paper
 notebook's in-sample way.
@@ -20,7 +20,7 @@ from torch import nn
 from .. import __version__
 from ..core.artifact import ArtifactMeta, CalibrationArtifact, model_fingerprint
 from ..core.capture import LayerCapture
-from ..core.detector import DetectorFitter, DetectorSpec
+from ..core.detector import DEFAULT_FOLDS, DetectorFitter, DetectorSpec
 from ..core.layers import LayerPlan
 from ..core.rules import DEFAULT_RULE, RULES, FitError
 from ..core.thresholds import ThresholdPolicy
@@ -41,7 +41,7 @@ class CalibrationConfig:
     rule: str = DEFAULT_RULE
     rule_options: dict[str, Any] = field(default_factory=dict)
     policy: ThresholdPolicy = ThresholdPolicy()
-    folds: int = 5
+    folds: int = DEFAULT_FOLDS
     min_per_class: int = 10
     class_names: tuple[str, ...] | None = None
 

@@ -17,6 +17,7 @@ import torch
 
 from ..core.artifact import DEFAULT_FILENAME, SIGNING_KEY_ENV, read_signing_key
 from ..core.capture import CaptureError
+from ..core.detector import DEFAULT_FOLDS
 from ..core.layers import (
     LayerSelectionError,
     all_module_outputs,
@@ -78,9 +79,10 @@ def _add_method_arguments(p: argparse.ArgumentParser) -> None:
                           "cross-fitted reference scores")
     thr.add_argument("--tau", type=float, help=f"the paper's threshold: class mean - tau * class std of benign "
                      f"scores (the paper uses {DEFAULT_TAU})")
-    method.add_argument("--folds", type=int, default=5,
-                        help="k-fold cross-fitting of the thresholds over the references (default 5); 1 = the "
-                             "paper notebook's in-sample way (statistics and thresholds from the same images)")
+    method.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
+                        help=f"k-fold cross-fitting of the thresholds over the references (default "
+                             f"{DEFAULT_FOLDS}); 1 = the paper notebook's in-sample way (statistics and thresholds "
+                             "from the same images)")
     method.add_argument("--min-per-class", type=int, default=10,
                         help="refuse classes with fewer reference images than this (default 10)")
 

@@ -102,6 +102,8 @@ CONFIGS: list[RuleConfig] = [
                {"layers": "penultimate", "reference": "predicted"}),
     RuleConfig("mahalanobis/nearest", "mahalanobis, reference=nearest", "mahalanobis",
                {"layers": "all", "reference": "nearest"}),
+    RuleConfig("mahalanobis-diag", "mahalanobis-diag (+ worst layer's per-class z)", "mahalanobis-diag",
+               {"layers": "all", "reference": "predicted"}),
 ]
 
 
@@ -338,7 +340,7 @@ def rule_result(cfg: RuleConfig, det: Any, ref: dict[str, Any], ben: dict[str, A
     out: dict[str, Any] = {
         "calibration_seconds": round(seconds, 1),
         "layers": list(layers),
-        "term_layers": list(det.rule.term_layers),
+        "term_layers": list(det.rule.term_names),
         "n_reference_scores": int(len(det.benign.scores)),
     }
     if cfg.rule == "cosine-loi":
@@ -376,7 +378,7 @@ def layer_diagnostic(det_cos: Any, det_maha: Any, ben: dict[str, Any], att: dict
         "cosine": [auroc(sims_b[:, k], sims_a[:, k]) for k in range(len(layers))],
         "cosine_benign_n": int(ben_t.sum()),
         "mahalanobis": [auroc(-terms_b[:, k], -terms_a[:, k]) for k in range(terms_b.shape[1])],
-        "mahalanobis_layers": list(det_maha.rule.term_layers),
+        "mahalanobis_layers": list(det_maha.rule.term_names),
         "window_target": layers[max(0, loi - 2): loi + 1],
     }
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from layerguard.core.detector import DetectorFitter, DetectorSpec
+from layerguard.core.detector import Detector, DetectorFitter, DetectorSpec
 from layerguard.core.rules import RULES, FitError, create_rule, parse_rule_options
 from layerguard.core.rules.cosine_loi import window_matrix
 from layerguard.core.rules.mahalanobis import oas_shrinkage
@@ -128,9 +128,40 @@ def test_every_rule_scores_an_outlier_below_benign(rule):
     out = det.score(odd, torch.tensor([1]))
     assert float(out.scores[0]) < float(benign.scores[torch.from_numpy(y) == 1].min())
     assert bool(out.poisoned[0])
-    item = out.items(det.layer_names, det.rule.term_layers)[0]
+    item = out.items(det.layer_names, det.rule.term_names)[0]
     assert set(item) == {"poisoned", "score", "threshold", "layer_of_interest", "similarities", "terms"}
     assert set(item["similarities"]) == {"a", "b"}
+    assert list(item["terms"]) == list(det.rule.term_names)
+    # the artifact's arrays rebuild the same detector (what a worker loads)
+    again = Detector.from_arrays(det.spec, det.arrays(), det.policy)
+    assert torch.allclose(again.score(odd, torch.tensor([1])).scores, out.scores, atol=1e-5)
+    assert np.allclose(again.thresholds, det.thresholds)
+
+
+def test_mahalanobis_diag_terms_match_numpy():
+    """The second view: RMS over pooled features of (x - mu_k) / sd_k, sd_k^2 = half the class's own variance
+    and half the pooled within-class variance; terms come after the Mahalanobis distances."""
+    from layerguard.core.rules.mahalanobis_diag import DIAGONAL_SHRINKAGE
+
+    rng = np.random.default_rng(2)
+    y = np.repeat([0, 1, 2], 40)
+    x = rng.normal(size=(120, 4)) * np.array([1.0, 2.0, 0.5])[y][:, None] + 3.0 * np.eye(4)[y]
+    rule = create_rule("mahalanobis-diag", ("a",), 3)
+    feats = {"a": torch.from_numpy(x).float()}
+    stats = rule.new_statistics(feats)
+    rule.update(stats, feats, torch.from_numpy(y))
+    rule.fit(stats, ["0", "1", "2"])
+    mu = np.stack([x[y == c].mean(0) for c in range(3)])
+    own = np.stack([x[y == c].var(0) for c in range(3)])
+    pooled = ((x - mu[y]) ** 2).mean(0)
+    var = (1 - DIAGONAL_SHRINKAGE) * own + DIAGONAL_SHRINKAGE * pooled
+    q = rng.normal(size=(5, 4))
+    cls = np.array([0, 1, 2, 2, 1])
+    expected = np.sqrt((((q - mu[cls]) ** 2) / var[cls]).mean(1))
+    terms = rule.terms({"a": rule.reduce("a", torch.from_numpy(q))}, torch.from_numpy(cls), None)
+    assert rule.term_names == ("a", "a/diagonal-z")
+    assert terms.shape == (5, 2)
+    assert np.allclose(terms[:, 1].numpy(), expected, rtol=1e-4)
 
 
 def test_penultimate_option_uses_one_layer():

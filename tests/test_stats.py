@@ -40,6 +40,9 @@ def test_scatter_tied_covariance_matches_numpy_and_subtracts_exactly():
     left = whole.minus(part)
     assert torch.allclose(left.tied_covariance(), rest.tied_covariance(), atol=1e-10)
     assert torch.allclose(left.means(), rest.means(), atol=1e-10)
+    assert torch.allclose(left.class_variances(), rest.class_variances(), atol=1e-10)
+    per_class = torch.stack([x[y == c].var(dim=0, unbiased=False) for c in range(4)])
+    assert torch.allclose(whole.class_variances(), per_class, atol=1e-10)
 
 
 def test_folds_are_stratified_round_robin_and_repeatable():

@@ -64,7 +64,7 @@ class Detection:
     layer_of_interest: torch.Tensor  # [B] index into layer_names
     poisoned: torch.Tensor  # [B] bool
 
-    def items(self, layer_names: tuple[str, ...], term_layers: tuple[str, ...], compact: bool = False) -> list[dict]:
+    def items(self, layer_names: tuple[str, ...], term_names: tuple[str, ...], compact: bool = False) -> list[dict]:
         """JSON-ready annotations for the whole batch: one conversion to Python lists, not one per value.
         With `compact`, only the verdict, score, threshold and layer of interest. Values are rounded to 6
         decimals: short float reprs keep the JSON small and cheap to write, with no loss that matters."""
@@ -82,7 +82,7 @@ class Detection:
             if not compact:
                 if with_sims:
                     note["similarities"] = dict(zip(layer_names, row[2:2 + k]))
-                note["terms"] = dict(zip(term_layers, row[2 + k:] if with_sims else row[2:]))
+                note["terms"] = dict(zip(term_names, row[2 + k:] if with_sims else row[2:]))
             notes.append(note)
         return notes
 

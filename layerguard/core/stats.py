@@ -4,8 +4,8 @@ Every accumulator has `update` (one batch), `merge` (another shard: a worker, a 
 left without a shard), so calibration can be split across workers and k-fold cross-fitting needs one pass:
 each fold's complement is the total minus that fold.
 - `ClassSums`: per-class counts and sums of feature vectors -> class means. O(classes x width).
-- `ClassScatter`: ClassSums plus the total scatter sum(x x^T) -> class means and the tied (within-class)
-  covariance. O(classes x width + width^2).
+- `ClassScatter`: ClassSums plus the total scatter sum(x x^T) and per-class sums of squares -> class means,
+  the tied (within-class) covariance and per-class variances. O(classes x width + width^2).
 `FoldAssigner` deals samples into k stratified folds in arrival order, so both passes agree without
 storing indices.
 """
@@ -47,27 +47,38 @@ class ClassSums:
 
 
 class ClassScatter(ClassSums):
-    """ClassSums plus sum(x x^T): enough for the tied within-class covariance of Lee et al. (2018)."""
+    """ClassSums plus sum(x x^T), for the tied within-class covariance of Lee et al. (2018), and per-class
+    sums of x*x, for per-class (diagonal) variances."""
 
     def __init__(self, num_classes: int, width: int, device: torch.device | str = "cpu") -> None:
         super().__init__(num_classes, width, device)
         self.scatter = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.squares = torch.zeros(num_classes, width, dtype=torch.float64, device=device)
 
     def update(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
         super().update(feats, labels)
         x = feats.to(self.scatter.device, torch.float64)
         self.scatter += x.T @ x
+        self.squares.index_add_(0, labels.to(self.squares.device, torch.int64), x * x)
 
     def merge(self, other: ClassScatter) -> None:
         super().merge(other)
         self.scatter += other.scatter.to(self.scatter.device)
+        self.squares += other.squares.to(self.squares.device)
 
     def minus(self, other: ClassScatter) -> ClassScatter:
         out = ClassScatter(self.num_classes, self.sums.shape[1], self.sums.device)
         out.counts = self.counts - other.counts.to(self.counts.device)
         out.sums = self.sums - other.sums.to(self.sums.device)
         out.scatter = self.scatter - other.scatter.to(self.scatter.device)
+        out.squares = self.squares - other.squares.to(self.squares.device)
         return out
+
+    def class_variances(self) -> torch.Tensor:
+        """Per-class, per-feature population variances [C, width] (zero for classes with under 2 samples)."""
+        n = self.counts.clamp(min=1.0)[:, None]
+        mu = self.sums / n
+        return (self.squares / n - mu * mu).clamp(min=0.0)
 
     def tied_covariance(self) -> torch.Tensor:
         """sum_c sum_i (x - mu_c)(x - mu_c)^T / N: one covariance shared by all classes (population form)."""

@@ -280,7 +280,7 @@ class LayerGuardHandler:
                 raise ValueError(f"the watched forward pass had {logits.shape[0]} rows for {len(indices)} inputs "
                                  "(the handler ran the model more than once per batch?)")
             detection = self.detector.score_reduced(self.capture.features(), logits.argmax(dim=1))
-            return detection.items(self.artifact.layer_names, self.detector.rule.term_layers,
+            return detection.items(self.artifact.layer_names, self.detector.rule.term_names,
                                    compact=self.policy.response == "compact")
         except Exception as exc:  # noqa: BLE001 - fail closed for these items, keep the worker
             logger.exception("layerguard: detection failed")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from .base import FitError, LayerStatistics, ScoringRule
 from .cosine_loi import CosineLoiRule
 from .mahalanobis import MahalanobisRule
+from .mahalanobis_diag import MahalanobisDiagRule
 
 __all__ = ["DEFAULT_RULE", "RULES", "FitError", "LayerStatistics", "ScoringRule", "create_rule", "parse_rule_options"]
 
-RULES: dict[str, type[ScoringRule]] = {rule.name: rule for rule in (CosineLoiRule, MahalanobisRule)}
+RULES: dict[str, type[ScoringRule]] = {rule.name: rule for rule in (CosineLoiRule, MahalanobisRule,
+                                                                     MahalanobisDiagRule)}
 DEFAULT_RULE = "mahalanobis"
 
 

@@ -67,8 +67,14 @@ class ScoringRule(ABC):
 
     @property
     def term_layers(self) -> tuple[str, ...]:
-        """The layers whose terms the score uses (and the response reports), in forward order."""
+        """The layers whose terms the score uses, in forward order."""
         return self.layer_names
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """One name per column of `terms` (what the response's "terms" are keyed by): the term layers, unless
+        a rule computes more than one term per layer."""
+        return self.term_layers
 
     # ---- fit ----
     @abstractmethod
@@ -91,12 +97,12 @@ class ScoringRule(ABC):
     @abstractmethod
     def terms(self, reduced: dict[str, torch.Tensor | None], classes: torch.Tensor,
               similarities: torch.Tensor) -> torch.Tensor:
-        """[B, len(term_layers)] per-layer terms of a batch against the given classes, from `reduce`'s output
+        """[B, len(term_names)] per-layer terms of a batch against the given classes, from `reduce`'s output
         per layer (the cosine similarities are given: rules built on them need not recompute them)."""
 
     @abstractmethod
     def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:
-        """Fit how terms combine, on out-of-fold benign terms [N, len(term_layers)] with true labels; `loi` [C] is the
+        """Fit how terms combine, on out-of-fold benign terms [N, len(term_names)] with true labels; `loi` [C] is the
         per-class layer of interest from the cosine profile."""
 
     @abstractmethod

@@ -1,0 +1,138 @@
+"""`mahalanobis-diag`: the `mahalanobis` score plus the worst layer's per-class diagonal z-score.
+
+Why a second view: a sum over layers dilutes a backdoor that shows in one or two layers only, and a tied
+covariance is blind to a class whose spread differs from the others'. Warping and adaptive triggers (WaNet,
+Adap-Blend) shift a few middle layers' pooled features by an amount that is small against the shared
+covariance but large against the predicted class's own per-feature spread. Per monitored layer l the second
+term is the RMS over pooled features of z = (x - mu_k) / sd_k, k the predicted class, with sd_k^2 half the
+class's own variance and half the pooled within-class variance (a fixed shrinkage, so classes with few
+references stay usable). Each layer's term is standardised with its out-of-fold benign mean and std and
+the score takes the worst (largest) layer: S_diag = -max_l z_l. The `mahalanobis` score S_maha is kept
+unchanged, and both are standardised with their out-of-fold benign mean and std and summed:
+score = (S_maha - m1) / s1 + (S_diag - m2) / s2, lower is more suspicious.
+
+Statistics stay streaming and mergeable: the same per-layer `ClassScatter` as `mahalanobis` (class sums,
+per-class sums of squares, one scatter matrix). Serving cost: a handful of ops on the pooled features the
+hooks already keep. The measurement that justified it is in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from ..stats import ClassScatter
+from .base import LayerStatistics
+from .mahalanobis import MahalanobisRule
+
+__all__ = ["DIAGONAL_SHRINKAGE", "MahalanobisDiagRule"]
+
+DIAGONAL_SHRINKAGE = 0.5  # sd_k^2 = (1 - w) * class variance + w * pooled variance; fixed a priori, not tuned
+DIAGONAL_SUFFIX = "/diagonal-z"
+
+
+class MahalanobisDiagRule(MahalanobisRule):
+    name = "mahalanobis-diag"
+    summary = ("the mahalanobis score plus minus the largest per-layer RMS z-score of pooled features against the "
+               "predicted class's own per-feature spread, each standardised, summed")
+    term_label = ("per layer: Mahalanobis distance to the class mean, then RMS z-score against the class's own "
+                  "spread (pooled features)")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.inv_sd: dict[str, torch.Tensor] = {}
+        self.diag_mean = np.zeros(len(self.term_layers))
+        self.diag_std = np.ones(len(self.term_layers))
+        self.view_stats = np.array([0.0, 1.0, 0.0, 1.0])  # mean, std of S_maha; mean, std of S_diag
+        self._diag_packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._view_t: tuple[torch.Tensor, ...] = ()
+        self._set_views()
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        return self.term_layers + tuple(n + DIAGONAL_SUFFIX for n in self.term_layers)
+
+    # ---- fit ----
+    def fit(self, stats: LayerStatistics, class_names: list[str]) -> None:
+        super().fit(stats, class_names)
+        for name in self.term_layers:
+            acc: ClassScatter = stats[name]
+            pooled = torch.diagonal(acc.tied_covariance())
+            var = (1.0 - DIAGONAL_SHRINKAGE) * acc.class_variances() + DIAGONAL_SHRINKAGE * pooled[None, :]
+            floor = max(float(pooled.mean()), 1e-12) * 1e-6  # a feature constant within every class
+            self.inv_sd[name] = var.clamp(min=floor).rsqrt().to(torch.float32)
+        self._diag_packed = None
+
+    def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:
+        k = len(self.term_layers)
+        super().fit_combination(terms[:, :k], labels, loi)
+        diag = terms[:, k:]
+        self.diag_mean, self.diag_std = diag.mean(axis=0), np.maximum(diag.std(axis=0), 1e-6)
+        self._set_views()
+        t = torch.from_numpy(terms).to(torch.float32)
+        s_maha = super().combine(t[:, :k], torch.zeros(0)).double().numpy()
+        s_diag = self._diag_score(t[:, k:]).double().numpy()
+        self.view_stats = np.array([s_maha.mean(), max(s_maha.std(), 1e-6), s_diag.mean(), max(s_diag.std(), 1e-6)])
+        self._set_views()
+
+    def _set_views(self) -> None:
+        self._view_t = (torch.as_tensor(self.diag_mean, dtype=torch.float32),
+                        torch.as_tensor(1.0 / self.diag_std, dtype=torch.float32),
+                        torch.as_tensor(self.view_stats, dtype=torch.float32))
+
+    # ---- score ----
+    def _diag_layers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class means [C, W] and inverse sds [C, W] of all layers side by side, the [W, K] layer indicator
+        and each layer's width [K]: the diagonal terms of every layer in a few ops."""
+        if self._diag_packed is None:
+            widths = [int(self.means[n].shape[1]) for n in self.term_layers]
+            device = self.means[self.term_layers[0]].device
+            layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+            blocks = torch.nn.functional.one_hot(layer_of, len(widths)).to(device, torch.float32)
+            self._diag_packed = (torch.cat([self.means[n] for n in self.term_layers], dim=1),
+                                 torch.cat([self.inv_sd[n] for n in self.term_layers], dim=1), blocks,
+                                 torch.tensor(widths, dtype=torch.float32, device=device))
+        return self._diag_packed
+
+    def terms(self, reduced, classes, similarities) -> torch.Tensor:
+        maha = super().terms(reduced, classes, similarities)
+        means, inv_sd, blocks, widths = self._diag_layers()
+        cls = classes.to(means.device)
+        z = (torch.cat([reduced[n] for n in self.term_layers], dim=1) - means[cls]) * inv_sd[cls]
+        return torch.cat([maha, ((z * z) @ blocks / widths).sqrt_()], dim=1)
+
+    def _diag_score(self, diag_terms: torch.Tensor) -> torch.Tensor:
+        mean, inv_std, _ = (t.to(diag_terms.device, diag_terms.dtype) for t in self._view_t)
+        return -((diag_terms - mean) * inv_std).amax(dim=1)
+
+    def combine(self, terms: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        k = len(self.term_layers)
+        views = self._view_t[2].to(terms.device, terms.dtype)
+        s_maha = super().combine(terms[:, :k], classes)
+        return (s_maha - views[0]) / views[1] + (self._diag_score(terms[:, k:]) - views[2]) / views[3]
+
+    # ---- persistence ----
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = super().arrays()
+        out.update({"diag_mean": self.diag_mean, "diag_std": self.diag_std, "view_stats": self.view_stats})
+        out.update({f"inv_sd/{n}": self.inv_sd[n].cpu().numpy() for n in self.term_layers})
+        return out
+
+    def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        super().load_arrays(arrays)
+        self.diag_mean = np.asarray(arrays["diag_mean"], dtype=np.float64)
+        self.diag_std = np.asarray(arrays["diag_std"], dtype=np.float64)
+        self.view_stats = np.asarray(arrays["view_stats"], dtype=np.float64)
+        self.inv_sd = {n: torch.from_numpy(np.asarray(arrays[f"inv_sd/{n}"], dtype=np.float32))
+                       for n in self.term_layers}
+        self._diag_packed = None
+        self._set_views()
+
+    def to(self, device):
+        super().to(device)
+        self.inv_sd = {n: t.to(device) for n, t in self.inv_sd.items()}
+        self._view_t = tuple(t.to(device) for t in self._view_t)
+        self._diag_packed = None
+        return self

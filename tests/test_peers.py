@@ -238,6 +238,16 @@ def test_render_builds_the_page_from_json_only(tmp_path: Path) -> None:
     for img in ("detection_roc_cifar10.png", "detection_fpr_cifar10.png", "calibration_cost.png"):
         assert (tmp_path / "docs" / "img" / img).stat().st_size > 0
     assert "## Cost" not in text  # no overhead.json: its section is left out rather than invented
+    assert "Where the threshold's error comes from" not in text
+    rows = [{"model": "clean", "share": share, "folds": folds, "seed": seed, "n_reference": 100, "n_benign": 900,
+             "floor_classes": 0, "delivered_fpr": fpr, "expected_sd": 0.01}
+            for share, folds, seed, fpr in ((0.2, 5, 0, 0.008), (0.2, 5, 1, 0.006), (0.2, 10, 0, 0.011))]
+    (tmp_path / "results" / "reference_share_gtsrb.json").write_text(json.dumps(
+        {"command": "x", "date": "d", "seconds": 1.0, "dataset": "gtsrb", "target_fpr": 0.01, "floor": 10,
+         "rule": "mahalanobis", "rows": rows}))
+    text = render(tmp_path / "results", tmp_path / "docs")
+    assert "5 folds 0.70%, 10 folds 1.10%" in text  # means over every row, by folds
+    assert "| clean | 20% (100; 0 classes at the floor of 10) | 5 | 2 | 0.70 | 0.60-0.80 | 1.00 |" in text
 
 
 # ---- helpers of the cost benchmarks -------------------------------------------------------------------

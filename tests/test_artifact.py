@@ -10,6 +10,7 @@ from torch import nn
 
 from layerguard.core.artifact import ArtifactError, CalibrationArtifact, model_fingerprint
 from layerguard.core.layers import default_plan, discover_layers
+from layerguard.core.rules import DEFAULT_RULE
 from layerguard.tooling.calibration import CalibrationConfig, calibrate
 
 KEY = b"0123456789abcdef-ops-team-key"
@@ -42,7 +43,7 @@ def test_round_trip(artifact_and_model):
     for key, value in art.arrays.items():
         assert np.array_equal(loaded.arrays[key], value), key
     assert np.array_equal(loaded.detector().thresholds, art.detector().thresholds)
-    assert loaded.meta.threshold == {"target_fpr": 0.01} and loaded.meta.rule == "mahalanobis"
+    assert loaded.meta.threshold == {"target_fpr": 0.01} and loaded.meta.rule == DEFAULT_RULE
     x = torch.rand(4, 1, 8, 8)
     from layerguard.core.capture import LayerCapture
 

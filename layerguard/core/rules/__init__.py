@@ -11,7 +11,7 @@ __all__ = ["DEFAULT_RULE", "RULES", "FitError", "LayerStatistics", "ScoringRule"
 
 RULES: dict[str, type[ScoringRule]] = {rule.name: rule for rule in (CosineLoiRule, MahalanobisRule,
                                                                      MahalanobisDiagRule)}
-DEFAULT_RULE = "mahalanobis"
+DEFAULT_RULE = "mahalanobis-diag"
 
 
 def create_rule(name: str, layer_names: tuple[str, ...], num_classes: int, options: dict | None = None,

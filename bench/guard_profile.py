@@ -45,6 +45,7 @@ from bench.benchutil import (  # noqa: E402
 from bench.models import build_model  # noqa: E402
 from layerguard.core.capture import LayerCapture  # noqa: E402
 from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
+from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
 from layerguard.tooling.calibration import CalibrationConfig, calibrate  # noqa: E402
 
 VARIANTS = ("hooks-keep", "keep + score", "hooks-reduce", "hooks-compact", "+ score", "+ notes", "+ json")
@@ -65,7 +66,7 @@ def steps(model, plan, det, xb: torch.Tensor) -> dict[str, Callable[[], object]]
     keep = LayerCapture(model, plan.layers)
     full = LayerCapture(model, plan.layers, reducer=det.reducer(similarities=True))
     compact = LayerCapture(model, plan.layers, reducer=det.reducer(similarities=False))
-    names, terms = det.layer_names, det.rule.term_layers
+    names, terms = det.layer_names, det.rule.term_names
 
     def forward(capture: LayerCapture | None):
         if capture is not None:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", default="resnet20,resnet18_cifar")
     p.add_argument("--batches", default="1,32")
-    p.add_argument("--rule", default="mahalanobis")
+    p.add_argument("--rule", default=DEFAULT_RULE, help=f"scoring rule (default {DEFAULT_RULE})")
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", default=None, help="accepted for bench/run_all.py; the profile uses random inputs")

@@ -114,7 +114,7 @@ class Guarded:
         with torch.no_grad():
             logits = self.model(x)
         det = self.detector.score_reduced(self.capture.features(), logits.argmax(dim=1))
-        return det.items(self.detector.layer_names, self.detector.rule.term_layers, compact=self.compact)
+        return det.items(self.detector.layer_names, self.detector.rule.term_names, compact=self.compact)
 
 
 def plain_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -178,7 +178,7 @@ def latency_one(plain: torch.nn.Module, guarded: Guarded, x: torch.Tensor, repea
     forward = plain_forward(plain)
 
     def score_only() -> None:
-        detector.score_reduced(reduced, pred).items(detector.layer_names, detector.rule.term_layers,
+        detector.score_reduced(reduced, pred).items(detector.layer_names, detector.rule.term_names,
                                                     compact=guarded.compact)
 
     times = time_interleaved(

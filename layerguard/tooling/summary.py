@@ -16,8 +16,13 @@ def class_table_rows(artifact: CalibrationArtifact, detector: Detector | None = 
     det = detector or artifact.detector()
     names = artifact.class_names
     return [[names[c], str(int(det.counts[c])), artifact.layer_names[int(det.loi[c])],
-             f"{det.benign.score_mean[c]:.4f}", f"{det.benign.score_std[c]:.4f}", f"{det.thresholds[c]:.4f}"]
+             _number(det.benign.score_mean[c]), _number(det.benign.score_std[c]), _number(det.thresholds[c])]
             for c in range(artifact.num_classes)]
+
+
+def _number(value: float) -> str:
+    text = f"{value:.4f}"
+    return text[1:] if text == "-0.0000" else text  # a standardised mean of -1e-17 is zero, not negative
 
 
 def format_class_table(artifact: CalibrationArtifact, detector: Detector | None = None) -> str:

@@ -323,8 +323,34 @@ def conclusion(dets: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any
                     stretch.append(f"{dataset_label(det)} {model_label(det, k)} {num(auc)} ({verdict})")
     text += (" (3) AUROC >= 0.95 on WaNet/Adap-Blend (stretch): " + (", ".join(stretch) if stretch else
              "no such model evaluated") + ".")
+    text += " " + peer_sentence(dets, best)
     text += " " + threshold_sentence(dets, summary, labels, best)
     return [text, ""]
+
+
+def peer_sentence(dets: dict[str, dict[str, Any]], best: str, tie: float = 0.01) -> str:
+    """Target (4): the default beats or equals every single-pass peer at equal FPR (both read off their ROC at
+    exactly 1%), on every backdoored model; ties within 1 point."""
+    single = [p for p in PEERS if p == "Mahalanobis (peer)"]
+    losses, n = [], 0
+    for det in dets.values():
+        for key, m in det["models"].items():
+            if not attacked(m):
+                continue
+            mine = m["rules"][best].get("roc_tpr_at_0.01")
+            for peer in single:
+                theirs = m.get("peers", {}).get(peer, {}).get("roc_tpr_at_0.01")
+                if not (_ok(mine) and _ok(theirs)):
+                    continue
+                n += 1
+                if theirs > mine + tie:
+                    losses.append(f"{dataset_label(det)} {model_label(det, key)} ({peer} {pct(theirs)}% vs "
+                                  f"{pct(mine)}%)")
+    if not n:
+        return ""
+    return (f"(4) The default beats or equals the single-pass peer at equal FPR (ROC TPR at exactly 1%, ties within "
+            f"1 point) on every backdoored model: {'met' if not losses else 'not met'}, {n - len(losses)} of {n}"
+            + (f"; beaten on {', '.join(losses)}." if losses else "."))
 
 
 def sampling_sentence(dets: dict[str, dict[str, Any]], target: float = 0.01) -> str:
@@ -337,10 +363,14 @@ def sampling_sentence(dets: dict[str, dict[str, Any]], target: float = 0.01) -> 
     sds = [np.sqrt(target * (1 - target) * (1 / r + 1 / b)) for r, b in pairs]
     refs = sorted({r for r, _ in pairs})
     bens = sorted({b for _, b in pairs})
-    return (f"Sampling alone spreads a model's measured FPR around the target by {pct(min(sds), 2)}-"
-            f"{pct(max(sds), 2)} points (1 sd: the threshold comes from {refs[0]}-{refs[-1]} references, the rate "
-            f"is measured on {bens[0]}-{bens[-1]} benign test images), so a deviation under about twice that is "
-            "noise, not bias.")
+    def span(lo: Any, hi: Any) -> str:
+        return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+    spread = span(pct(min(sds), 2), pct(max(sds), 2))
+    return (f"Sampling alone spreads a model's measured FPR around the target by {spread} points (1 sd: the "
+            f"threshold comes from {span(refs[0], refs[-1])} references, the rate is measured on "
+            f"{span(bens[0], bens[-1])} benign test images), so a deviation under about twice that is noise, not "
+            "bias.")
 
 
 def threshold_sentence(dets: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any]], labels: dict[str, str],

@@ -226,6 +226,7 @@ def test_render_builds_the_page_from_json_only(tmp_path: Path) -> None:
     assert "it detects on average 79.8% of successful attacks at a delivered 1% FPR" in text  # (99.5 + 60) / 2
     assert "BadNets 99.5% at 1.20% (not met)" in text  # delivered FPR above 1%: the target is not met
     assert "WaNet 0.970 (met)" in text  # the stretch AUROC
+    assert "ties within 1 point) on every backdoored model: met, 2 of 2" in text  # target (4): the single-pass peer
     assert "| **mahalanobis (all)** | 79.8 | 79.8 | 60.0 |" in text  # the decision table (all, CIFAR-10, lowest)
     assert "| BadNets | **mahalanobis (all)** | 0.970 | 99.5 | 1.20 |" in text  # model x rule
     assert "| BadNets | STRIP (N=20) | 21 |" in text  # peers at equal FPR

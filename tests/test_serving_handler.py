@@ -86,7 +86,7 @@ def test_annotates_in_the_inner_handlers_shape(served, images):
         note = body["layerguard"]
         assert set(note) == {"poisoned", "score", "threshold", "layer_of_interest", "similarities", "terms"}
         assert set(note["similarities"]) == set(served.guard.artifact.layer_names)
-        assert set(note["terms"]) == set(served.guard.detector.rule.term_layers)
+        assert set(note["terms"]) == set(served.guard.detector.rule.term_names)
         assert headers["X-LayerGuard-Poisoned"] == ("true" if note["poisoned"] else "false")
     accuracy = sum(body["class"] == int(y) for (_, _, body), y in zip(results, labels[:8])) / 8
     assert accuracy >= 0.75

@@ -155,7 +155,9 @@ CIFAR_FULL_ROWS = {
     "badnets_ft": ModelRow("cifar_ft_badnets", "badnets", FINE_TUNED),
     "blended_scratch": ModelRow("cifar_full_blended", "blended", FROM_SCRATCH),
     "blended_ft": ModelRow("cifar_ft_blended", "blended", FINE_TUNED),
+    "wanet_scratch": ModelRow("cifar_full_wanet", "wanet", FROM_SCRATCH),
     "wanet_ft": ModelRow("cifar_ft_wanet", "wanet", FINE_TUNED),
+    "sig_scratch": ModelRow("cifar_full_sig", "sig", FROM_SCRATCH),
     "sig_ft": ModelRow("cifar_ft_sig", "sig", FINE_TUNED),
     "adapblend_ft": ModelRow("cifar_ft_adapblend", "adapblend", FINE_TUNED),
 }

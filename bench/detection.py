@@ -14,8 +14,9 @@ whichever models are trained) and per model:
      shipped: k-fold cross-fitted benign scores (10 folds; the paper's notebook is 1 fold, in-sample);
   4. one forward pass per scored image, hooks on every configuration's layers and the peers' penultimate
      layer, scores the image under every configuration. Thresholds: ``target_fpr`` 1% and 5% from the
-     cross-fitted reference scores (`detector.benign.thresholds(policy)`, no refit), and tau 2.5; the FPR
-     they deliver is measured on the held-out benign images. AUROC uses the per-class standardised score
+     cross-fitted reference scores (`detector.benign.thresholds(policy)`, no refit), the 1% target held as
+     an upper bound with 95% confidence (``fpr_confidence``), and tau 2.5; the FPR they deliver is measured
+     on the held-out benign images. AUROC uses the per-class standardised score
      z = (score - mean_c) / std_c, which is what every threshold cuts;
   5. peers (bench/peers.py): penultimate Mahalanobis (one pass), SCALE-UP (6 passes) and STRIP (1 + N
      passes) on capped prefixes of the same images (``--n-scaleup``, ``--n-strip``), thresholded at the
@@ -58,13 +59,14 @@ from bench.peers import Mahalanobis, ScaleUp, Strip  # noqa: E402
 from layerguard.core.capture import LayerCapture  # noqa: E402
 from layerguard.core.detector import DEFAULT_FOLDS  # noqa: E402
 from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
-from layerguard.core.thresholds import BenignScores, ThresholdPolicy  # noqa: E402
+from layerguard.core.thresholds import BenignScores, ThresholdPolicy, references_for_confidence  # noqa: E402
 from layerguard.tooling.calibration import CalibrationConfig, calibrate  # noqa: E402
 from layerguard.tooling.evaluation import auroc  # noqa: E402
 
 ATTACKS = ["badnets", "blended", "wanet", "sig", "adapblend"]
 MODEL_ORDER = ["clean", *ATTACKS]
 TARGET_FPRS = (0.01, 0.05)
+BOUND_CONFIDENCE = 0.95  # `fpr_confidence` of the bounded rows: the 1% target held as an upper bound
 TAU = 2.5
 # FPR grid at which ROC curves are stored in the JSON (plots are redrawn from it, never from raw scores).
 ROC_GRID = np.unique(np.r_[0.0, np.logspace(-3, 0, 61)])
@@ -354,6 +356,12 @@ def rule_result(cfg: RuleConfig, det: Any, ref: dict[str, Any], ben: dict[str, A
         out["target_fpr"][f"{q:g}"] = {**rule_rates(b["scores"], ben["pred"], det.benign.thresholds(policy),
                                                     success, a_scores, a_pred),
                                        "reference_fpr": det.benign.flagged_share(policy)}
+    bounded = ThresholdPolicy(target_fpr=TARGET_FPRS[0], confidence=BOUND_CONFIDENCE)
+    out["bounded_fpr"] = {}
+    if len(det.benign.scores) >= references_for_confidence(TARGET_FPRS[0], BOUND_CONFIDENCE):  # else no bound
+        out["bounded_fpr"][f"{TARGET_FPRS[0]:g}"] = {
+            **rule_rates(b["scores"], ben["pred"], det.benign.thresholds(bounded), success, a_scores, a_pred),
+            "reference_fpr": det.benign.flagged_share(bounded), "confidence": BOUND_CONFIDENCE}
     by_pred = BenignScores(ref[cfg.key]["scores"], ref["pred"], det.num_classes)
     out["target_fpr_by_predicted"] = {
         f"{q:g}": rule_rates(b["scores"], ben["pred"], by_pred.thresholds(ThresholdPolicy(tau=None, target_fpr=q)),

@@ -35,7 +35,8 @@ def base_args(mnist_dir: Path) -> list[str]:
 def test_help_documents_every_option():
     out = run_cli("--help", cwd=ROOT).stdout
     for option in ["--model-file", "--weights", "--data", "--layers", "--exclude-logits", "--list-layers", "--tau",
-                   "--target-fpr", "--rule", "--rule-option", "--folds", "--min-per-class", "--output", "--poisoned",
+                   "--target-fpr", "--fpr-confidence", "--rule", "--rule-option", "--folds", "--min-per-class",
+                   "--output", "--poisoned",
                    "--benign-test", "--target-class", "--report", "--class-names", "--input-size", "--mean", "--std"]:
         assert option in out
     assert "NEVER trained on" in " ".join(out.split())  # references must be held-out images
@@ -72,6 +73,19 @@ def test_warns_when_the_delivered_fpr_is_over_twice_the_target(tmp_path, backdoo
     delivered = float(res.stdout.split("held-out benign images: ")[1].split("%")[0])
     assert delivered > 2.0 and "WARNING" in res.stderr and "twice the target" in res.stderr, (res.stdout,
                                                                                              res.stderr)
+
+
+def test_fpr_confidence_flags_fewer_references_and_says_so(tmp_path, backdoored_mnist, mnist_dir, mnist_npz):
+    out = tmp_path / "bounded.npz"
+    res = run_cli(*base_args(mnist_dir), "--data", str(mnist_npz["ref"]), "-o", str(out), "--fpr-confidence", "0.9",
+                  "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    assert "at most 1.00% with 90% confidence" in text, res.stdout
+    flagged = float(text.split("flags ")[1].split("%")[0])
+    assert 0.0 < flagged < 1.0  # fewer than the target's share of the references
+    from layerguard.core.artifact import CalibrationArtifact
+    assert CalibrationArtifact.load(out).policy.confidence == 0.9
 
 
 def test_list_layers(tmp_path, backdoored_mnist, mnist_dir, mnist_npz):
@@ -145,6 +159,9 @@ def test_class_with_too_few_samples(tmp_path, backdoored_mnist, mnist_dir, mnist
     (["--rule", "mahalanobis", "--rule-option", "colour=red"], ["no option(s) colour"]),
     (["--rule-option", "layers"], ["key=value"]),
     (["--folds", "0"], ["folds must be in 1..20"]),
+    (["--tau", "2.5", "--fpr-confidence", "0.9"], ["not to tau"]),
+    (["--target-fpr", "0.001", "--fpr-confidence", "0.999"], ["cannot keep the FPR at most 0.1%",
+                                                               "needs at least 6905"]),
 ])
 def test_bad_method_options_are_refused(tmp_path, backdoored_mnist, mnist_dir, mnist_npz, extra, words):
     out = tmp_path / "art.npz"

@@ -295,3 +295,50 @@ def test_fpr_spread_matches_simulated_thresholds():
     assert abs(delivered.std() - fpr_spread(target, n)) < 0.0006
     assert abs(fpr_spread(0.01, 1000) - 0.00315) < 1e-5
     assert references_for_spread(0.01, 0.0025) == 1584
+
+
+def test_binomial_cdf_matches_exact_sum():
+    from math import comb
+
+    from layerguard.core.thresholds import binomial_cdf
+
+    for n, p, k in [(50, 0.1, 3), (200, 0.01, 0), (2000, 0.01, 12), (2000, 0.01, 20)]:
+        exact = sum(comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(k + 1))
+        assert binomial_cdf(k, n, p) == pytest.approx(exact, rel=1e-9)
+    assert binomial_cdf(-1, 10, 0.5) == 0.0 and binomial_cdf(10, 10, 0.5) == 1.0
+
+
+def test_fpr_confidence_bounds_the_delivered_rate_with_that_probability():
+    """With fpr_confidence 0.9, thresholds from 1000 normal benign references deliver an FPR above the target in
+    at most about 10% of draws (against about half without it), and flag fewer references than the target."""
+    from math import erf, sqrt
+
+    from layerguard.core.thresholds import flagged_references, references_for_confidence
+
+    rng = np.random.default_rng(1)
+    n, target = 1000, 0.01
+    over = {None: [], 0.9: []}
+    for _ in range(600):
+        benign = BenignScores(rng.normal(size=n), np.zeros(n, dtype=np.int64), 1, per_class=False)
+        for confidence in over:
+            t = benign.thresholds(ThresholdPolicy(target_fpr=target, confidence=confidence))[0]
+            over[confidence].append(0.5 * (1 + erf(t / sqrt(2))) > target)
+    assert 0.35 < np.mean(over[None]) < 0.65
+    assert 0.04 < np.mean(over[0.9]) <= 0.13  # the bound is exact up to the midway cut and sampling
+    k = flagged_references(target, n, 0.9)
+    assert 0 < k < flagged_references(target, n)
+    assert references_for_confidence(0.01, 0.95) == 299
+    with pytest.raises(ValueError, match="at least 299"):
+        flagged_references(0.01, 298, 0.95)
+    assert flagged_references(0.01, 299, 0.95) == 0
+
+
+def test_fpr_confidence_policy_round_trip_and_validation():
+    policy = ThresholdPolicy.from_options(None, 0.02, 0.95)
+    assert policy.as_dict() == {"target_fpr": 0.02, "fpr_confidence": 0.95}
+    assert ThresholdPolicy.from_dict(policy.as_dict()) == policy
+    assert "95% confidence" in policy.describe()
+    with pytest.raises(ValueError, match="not to tau"):
+        ThresholdPolicy.from_options(2.5, None, 0.95)
+    with pytest.raises(ValueError, match="fpr_confidence must be"):
+        ThresholdPolicy(target_fpr=0.01, confidence=0.3)

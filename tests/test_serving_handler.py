@@ -180,6 +180,16 @@ def test_tau_override_moves_the_threshold(archives, tmp_path, served, images):
     assert note["threshold"] < base["threshold"]
 
 
+def test_fpr_confidence_override_lowers_the_threshold(archives, tmp_path, served, images):
+    """An upper-bound target flags fewer references than the same target as an expected rate."""
+    clean, _, _ = images
+    bounded = Served(extract(archives["guarded"], tmp_path / "d",
+                             lambda c: c["handler"]["layerguard"].update(target_fpr=0.05, fpr_confidence=0.95)))
+    expected = Served(extract(archives["guarded"], tmp_path / "e",
+                              lambda c: c["handler"]["layerguard"].update(target_fpr=0.05)))
+    assert bounded([clean[0]])[0][2]["layerguard"]["threshold"] < expected([clean[0]])[0][2]["layerguard"]["threshold"]
+
+
 def refused(model_dir: Path, images) -> str:
     """Load a broken model dir: the worker must load, and answer every request with a prompt 503 + reason."""
     served = Served(model_dir)
@@ -195,6 +205,7 @@ def refused(model_dir: Path, images) -> str:
     ({"policy": "block"}, "must be one of annotate, reject"),
     ({"tau": 1.0, "target_fpr": 0.01}, "--tau or --target-fpr, not both"),
     ({"response": "tiny"}, "must be one of full, compact"),
+    ({"target_fpr": 0.001, "fpr_confidence": 0.999}, "that needs at least 6905"),
 ])
 def test_bad_policy_refused_at_load(archives, tmp_path, images, block, message):
     model_dir = extract(archives["guarded"], tmp_path / "d", lambda c: c["handler"]["layerguard"].update(block))

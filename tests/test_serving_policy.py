@@ -17,7 +17,8 @@ def test_defaults_and_round_trip():
     policy = parse_policy(config())
     assert policy == ServingPolicy(inner_handler="h.py")
     assert not policy.rejects and policy.threshold is None
-    strict = ServingPolicy("h.py:Cls", action="reject", threshold=ThresholdPolicy(tau=None, target_fpr=0.02),
+    strict = ServingPolicy("h.py:Cls", action="reject",
+                           threshold=ThresholdPolicy(tau=None, target_fpr=0.02, confidence=0.95),
                            reject_status=451, max_image_pixels=5000, response="compact")
     assert parse_policy({"handler": {"layerguard": strict.to_config()}}) == strict
 
@@ -28,6 +29,9 @@ def test_defaults_and_round_trip():
     (config(tau="high"), "tau must be a number"),
     (config(tau=11), "tau must be in"),
     (config(target_fpr=0.7), "target_fpr must be in"),
+    (config(fpr_confidence=0.95), "needs target_fpr beside it"),
+    (config(target_fpr=0.01, fpr_confidence=1.5), "fpr_confidence must be in"),
+    (config(tau=2.5, target_fpr=0.01), "not both"),
     (config(reject_status=200), "must be a 4xx code"),
     (config(artifact="../../etc/passwd"), "plain file name"),
     (config(policy="drop", extra=1), "unknown key"),

@@ -341,10 +341,13 @@ class LayerGuardHandler:
 
     @property
     def expected_flag_rate(self) -> float:
-        """The benign false-positive rate this detector was calibrated to: the target, or for tau the share
-        of out-of-fold benign references it flags."""
+        """The benign false-positive rate this detector was calibrated to: the target, or for tau (and for a
+        target held with a confidence, whose expected rate is below it) the share of out-of-fold benign
+        references it flags."""
         policy = self.detector.policy
-        return policy.target_fpr if policy.target_fpr is not None else self.detector.benign.flagged_share(policy)
+        if policy.target_fpr is not None and policy.confidence is None:
+            return policy.target_fpr
+        return self.detector.benign.flagged_share(policy)
 
 
 class _Batch:

@@ -26,6 +26,8 @@ KNOWN_KEYS = {
     "policy": "annotate (default) or reject",
     "tau": "threshold = mean - tau * std of benign scores (overrides the calibrated policy)",
     "target_fpr": "threshold at this benign false-positive rate (overrides the calibrated policy)",
+    "fpr_confidence": "with target_fpr: the rate is an upper bound that holds with this probability (e.g. 0.95) "
+                      "instead of the expected rate",
     "artifact": f"calibration artifact file in the archive (default {DEFAULT_FILENAME})",
     "reject_status": "HTTP status for a rejected input (default 403)",
     "on_missing_calibration": "refuse (default: the model does not load) or serve_unguarded (serve without "
@@ -101,9 +103,13 @@ def parse_policy(model_yaml_config: Mapping[str, Any] | None) -> ServingPolicy:
                           "handler (e.g. my_handler.py or my_handler.py:MyHandler)")
     action = _choice(block, "policy", ACTIONS)
     threshold = None
+    if "fpr_confidence" in block and "target_fpr" not in block:
+        raise PolicyError("model-config.yaml: handler.layerguard.fpr_confidence needs target_fpr beside it "
+                          "(the rate it bounds), e.g. `target_fpr: 0.01` and `fpr_confidence: 0.95`")
     if "tau" in block or "target_fpr" in block:
         try:
-            threshold = ThresholdPolicy.from_options(_number(block, "tau"), _number(block, "target_fpr"))
+            threshold = ThresholdPolicy.from_options(_number(block, "tau"), _number(block, "target_fpr"),
+                                                     _number(block, "fpr_confidence"))
         except ValueError as exc:
             raise PolicyError(f"model-config.yaml: handler.layerguard: {exc}") from exc
     artifact = block.get("artifact", DEFAULT_FILENAME)

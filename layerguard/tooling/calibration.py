@@ -23,7 +23,7 @@ from ..core.capture import LayerCapture
 from ..core.detector import DEFAULT_FOLDS, DetectorFitter, DetectorSpec
 from ..core.layers import LayerPlan
 from ..core.rules import DEFAULT_RULE, RULES, FitError
-from ..core.thresholds import ThresholdPolicy
+from ..core.thresholds import ThresholdPolicy, references_for_confidence
 
 __all__ = ["Batches", "CalibrationConfig", "CalibrationError", "calibrate", "model_device"]
 
@@ -125,6 +125,14 @@ def _logits(output) -> torch.Tensor:
 def _require_counts(seen: np.ndarray, config: CalibrationConfig, names: list[str]) -> None:
     if seen.sum() == 0:
         raise CalibrationError("the reference data is empty")
+    policy = config.policy
+    if policy.confidence is not None and seen.sum() < references_for_confidence(policy.target_fpr, policy.confidence):
+        raise CalibrationError(
+            f"{int(seen.sum())} reference images cannot keep the FPR at most {100 * policy.target_fpr:g}% with "
+            f"{100 * policy.confidence:g}% confidence: that needs at least "
+            f"{references_for_confidence(policy.target_fpr, policy.confidence)} images the model never trained on. "
+            "Add references, lower --fpr-confidence, or drop it (the target is then the expected rate)."
+        )
     need = max(config.min_per_class, 2)  # with 2 a class is in every fold's complement, however many folds
     short = [i for i, n in enumerate(seen) if n < need]
     if short:

@@ -79,6 +79,10 @@ def _add_method_arguments(p: argparse.ArgumentParser) -> None:
                           "cross-fitted reference scores")
     thr.add_argument("--tau", type=float, help=f"the paper's threshold: class mean - tau * class std of benign "
                      f"scores (the paper uses {DEFAULT_TAU})")
+    method.add_argument("--fpr-confidence", type=float, metavar="P",
+                        help="make the target FPR an upper bound that holds with probability P (e.g. 0.95) over "
+                             "the draw of the references, instead of the expected rate: flags fewer inputs, needs "
+                             "at least log(1-P)/log(1-target) references (docs/method.md)")
     method.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
                         help=f"k-fold cross-fitting of the thresholds over the references (default "
                              f"{DEFAULT_FOLDS}); 1 = the paper notebook's in-sample way (statistics and thresholds "
@@ -100,7 +104,8 @@ def _add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace, class_names: Iterable[str] | None = None) -> CalibrationConfig:
     return CalibrationConfig(rule=args.rule, rule_options=parse_rule_options(args.rule_option),
-                             policy=ThresholdPolicy.from_options(args.tau, args.target_fpr), folds=args.folds,
+                             policy=ThresholdPolicy.from_options(args.tau, args.target_fpr, args.fpr_confidence),
+                             folds=args.folds,
                              min_per_class=args.min_per_class,
                              class_names=tuple(class_names) if class_names else None)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from ..core.artifact import CalibrationArtifact
 from ..core.detector import Detector
-from ..core.thresholds import fpr_spread, references_for_spread
+from ..core.thresholds import ThresholdPolicy, fpr_spread, references_for_spread
 
-__all__ = ["CLASS_TABLE_HEAD", "class_table_rows", "describe_calibration", "expected_fpr_note", "format_class_table"]
+__all__ = ["CLASS_TABLE_HEAD", "bounded_fpr_note", "class_table_rows", "describe_calibration", "expected_fpr_note",
+           "format_class_table"]
 
 CLASS_TABLE_HEAD = ("class", "references", "layer of interest", "score mean", "score std", "threshold")
 
@@ -45,6 +46,14 @@ def expected_fpr_note(target_fpr: float, n_references: int, spread: float = 0.00
     return note
 
 
+def bounded_fpr_note(policy: ThresholdPolicy, flagged_share: float, n_references: int) -> str:
+    """What a target held with a confidence delivers: at most the target with that probability, and about the
+    share of references flagged on average."""
+    return (f"FPR on new benign traffic with the references' class mix: at most {100 * policy.target_fpr:.2f}% "
+            f"with {100 * policy.confidence:g}% confidence, about {100 * flagged_share:.2f}% expected "
+            f"(from {n_references} references; more references bring the expected rate closer to the bound)")
+
+
 def describe_calibration(artifact: CalibrationArtifact, detector: Detector | None = None) -> str:
     """Rule, layers, threshold policy, what it delivered on the out-of-fold references and what to expect."""
     det = detector or artifact.detector()
@@ -56,7 +65,9 @@ def describe_calibration(artifact: CalibrationArtifact, detector: Detector | Non
             f"L={meta.total_layers}): {', '.join(meta.layer_names)}\n"
             f"threshold {det.policy.describe()}, {folds}: flags {100 * share:.2f}% of the "
             f"{len(det.benign.scores)} benign references out-of-fold")
-    if det.policy.target_fpr is not None:
+    if det.policy.target_fpr is not None and det.policy.confidence is not None:
+        text += "\n" + bounded_fpr_note(det.policy, share, len(det.benign.scores))
+    elif det.policy.target_fpr is not None:
         text += "\n" + expected_fpr_note(det.policy.target_fpr, len(det.benign.scores))
     stages = [f"  {name} = {how}" for name, how in zip(meta.layer_names, meta.layer_computations) if how != name]
     return text + ("\nwhere each monitored layer is the output of:\n" + "\n".join(stages) if stages else "")

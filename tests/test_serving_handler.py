@@ -188,6 +188,8 @@ def test_fpr_confidence_override_lowers_the_threshold(archives, tmp_path, served
     expected = Served(extract(archives["guarded"], tmp_path / "e",
                               lambda c: c["handler"]["layerguard"].update(target_fpr=0.05)))
     assert bounded([clean[0]])[0][2]["layerguard"]["threshold"] < expected([clean[0]])[0][2]["layerguard"]["threshold"]
+    # the flag-rate gauge (and its alert) follows what the bound is expected to flag, not the bound itself
+    assert 0.0 < bounded.guard.expected_flag_rate < 0.05 == expected.guard.expected_flag_rate
 
 
 def refused(model_dir: Path, images) -> str:

@@ -251,16 +251,18 @@ def test_references_are_scored_as_serving_scores_them_for_global_thresholds():
         assert sorted(det.benign.labels.tolist()) == sorted(expect_scored_as.tolist()), rule
 
 
-def test_mahalanobis_packed_layers_match_layer_by_layer(monkeypatch):
-    """Serving scores all layers as one block-diagonal matrix when they are narrow; wide ones go layer group by
-    layer group. Both must give the same terms (layers of different widths, classes in any order)."""
+@pytest.mark.parametrize("name", ["mahalanobis", "mahalanobis-diag"])
+def test_mahalanobis_packed_layers_match_layer_by_layer(monkeypatch, name):
+    """Serving scores all layers as one block-diagonal matrix when they are narrow (for mahalanobis-diag, both
+    views from one difference and one layer-sum matmul); wide ones go layer group by layer group. Both must
+    give the same terms (layers of different widths, classes in any order)."""
     from layerguard.core.rules import mahalanobis
 
     gen = torch.Generator().manual_seed(3)
     widths = {"a": 3, "b": 5, "c": 3, "d": 2}
     feats = {n: torch.randn(80, w, generator=gen) + 2.0 * (torch.arange(80) % 4)[:, None] for n, w in widths.items()}
     labels = torch.arange(80) % 4
-    rule = create_rule("mahalanobis", tuple(widths), 4)
+    rule = create_rule(name, tuple(widths), 4)
     stats = rule.new_statistics(feats)
     rule.update(stats, feats, labels)
     rule.fit(stats, [str(c) for c in range(4)])
@@ -268,11 +270,29 @@ def test_mahalanobis_packed_layers_match_layer_by_layer(monkeypatch):
     classes = torch.tensor([3, 0, 1, 1, 2, 0, 3])
     packed = rule.terms(query, classes, None)
     monkeypatch.setattr(mahalanobis, "PACKED_MAX_WIDTH", 0)  # every layer set is now "too wide" to pack
-    layered = create_rule("mahalanobis", tuple(widths), 4)
+    layered = create_rule(name, tuple(widths), 4)
     layered.load_arrays(rule.arrays())
     by_layer = layered.terms(query, classes, None)
-    assert packed.shape == (7, 4)
+    assert packed.shape == (7, len(rule.term_names))
     assert torch.allclose(packed, by_layer, rtol=1e-5, atol=1e-5)
+
+
+def test_mahalanobis_diag_combination_is_the_sum_of_standardised_views():
+    """The folded-constant combination equals its definition: (S_maha - m1) / s1 + (S_diag - m2) / s2, with
+    S_maha = -sum_l (t_l - mean_l) / std_l and S_diag = -max_l (z_l - diag_mean_l) / diag_std_l."""
+    rng = np.random.default_rng(4)
+    rule = create_rule("mahalanobis-diag", ("a", "b", "c"), 2)
+    terms = np.abs(rng.normal(2.0, 1.0, size=(200, 6)))
+    rule.fit_combination(terms, np.zeros(200, dtype=np.int64), np.zeros(2, dtype=np.int64))
+    query = np.abs(rng.normal(2.0, 1.5, size=(9, 6)))
+    s_maha = -((query[:, :3] - rule.term_mean) / rule.term_std).sum(1)
+    s_diag = -((query[:, 3:] - rule.diag_mean) / rule.diag_std).max(1)
+    m1, s1, m2, s2 = rule.view_stats
+    expected = (s_maha - m1) / s1 + (s_diag - m2) / s2
+    got = rule.combine(torch.from_numpy(query).float(), torch.zeros(9, dtype=torch.int64)).numpy()
+    assert np.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # out of fold the two standardised views have mean 0: the combined benign score is centred
+    assert abs(float(rule.combine(torch.from_numpy(terms).float(), torch.zeros(200)).mean())) < 1e-3
 
 
 def test_fpr_spread_matches_simulated_thresholds():

@@ -47,7 +47,9 @@ class MahalanobisDiagRule(MahalanobisRule):
         self.diag_std = np.ones(len(self.term_layers))
         self.view_stats = np.array([0.0, 1.0, 0.0, 1.0])  # mean, std of S_maha; mean, std of S_diag
         self._diag_packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._both_sums: torch.Tensor | None = None
         self._view_t: tuple[torch.Tensor, ...] = ()
+        self._fused_combine: tuple[torch.Tensor, ...] | None = None
         self._set_views()
 
     @property
@@ -63,7 +65,7 @@ class MahalanobisDiagRule(MahalanobisRule):
             var = (1.0 - DIAGONAL_SHRINKAGE) * acc.class_variances() + DIAGONAL_SHRINKAGE * pooled[None, :]
             floor = max(float(pooled.mean()), 1e-12) * 1e-6  # a feature constant within every class
             self.inv_sd[name] = var.clamp(min=floor).rsqrt().to(torch.float32)
-        self._diag_packed = None
+        self._diag_packed = self._both_sums = None
 
     def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:
         k = len(self.term_layers)
@@ -81,6 +83,11 @@ class MahalanobisDiagRule(MahalanobisRule):
         self._view_t = (torch.as_tensor(self.diag_mean, dtype=torch.float32),
                         torch.as_tensor(1.0 / self.diag_std, dtype=torch.float32),
                         torch.as_tensor(self.view_stats, dtype=torch.float32))
+        self._fused_combine = None
+
+    def _set_standardisation(self, mean: np.ndarray, std: np.ndarray) -> None:
+        super()._set_standardisation(mean, std)
+        self._fused_combine = None
 
     # ---- score ----
     def _diag_layers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,22 +103,51 @@ class MahalanobisDiagRule(MahalanobisRule):
                                  torch.tensor(widths, dtype=torch.float32, device=device))
         return self._diag_packed
 
+    def _both_layer_sums(self) -> torch.Tensor:
+        """[2W, 2K]: one matmul turns [quadratic form | squared z] per pooled feature into both views' terms
+        per layer (the Mahalanobis sum, and the mean of squared z: the layer indicator over its width)."""
+        if self._both_sums is None:
+            _, _, blocks, widths = self._diag_layers()
+            self._both_sums = torch.block_diag(blocks, blocks / widths)
+        return self._both_sums
+
     def terms(self, reduced, classes, similarities) -> torch.Tensor:
-        maha = super().terms(reduced, classes, similarities)
+        packed = self._packed_layers() if self.options["reference"] == "predicted" else None
         means, inv_sd, blocks, widths = self._diag_layers()
         cls = classes.to(means.device)
-        z = (torch.cat([reduced[n] for n in self.term_layers], dim=1) - means[cls]) * inv_sd[cls]
-        return torch.cat([maha, ((z * z) @ blocks / widths).sqrt_()], dim=1)
+        diff = torch.cat([reduced[n] for n in self.term_layers], dim=1) - means[cls]
+        z = diff * inv_sd[cls]
+        if packed is None:  # layers too wide for one dense precision, or the nearest-class reference
+            maha = super().terms(reduced, classes, similarities)
+            return torch.cat([maha, ((z * z) @ blocks / widths).sqrt_()], dim=1)
+        # Both views from one difference and one layer-sum matmul: at serving batch sizes the op count, not
+        # the arithmetic, is what scoring costs (bench/guard_profile.py)
+        quad = torch.cat([(diff @ packed[1]) * diff, z * z], dim=1)
+        return (quad @ self._both_layer_sums()).clamp_min_(0.0).sqrt_()
 
     def _diag_score(self, diag_terms: torch.Tensor) -> torch.Tensor:
         mean, inv_std, _ = (t.to(diag_terms.device, diag_terms.dtype) for t in self._view_t)
         return -((diag_terms - mean) * inv_std).amax(dim=1)
 
+    def _combine_constants(self, device, dtype) -> tuple:
+        """The combination with every constant folded in: score = c + t_maha @ w - a * max_l(t_diag_l * u_l - v_l),
+        with w = weights / s1, c = (bias - m1) / s1 - m2 / s2, u = 1 / diag_std, v = diag_mean / diag_std and
+        a = 1 / s2 (see the module docstring): four ops per batch."""
+        if self._fused_combine is None or self._fused_combine[0].device != torch.device(device) \
+                or self._fused_combine[0].dtype != dtype:
+            bias, weights = self._standardise
+            m1, s1, m2, s2 = (float(v) for v in self.view_stats)
+            inv_std = torch.as_tensor(1.0 / self.diag_std, dtype=torch.float64)
+            self._fused_combine = (*(t.to(device, dtype) for t in (
+                torch.tensor((float(bias) - m1) / s1 - m2 / s2, dtype=torch.float64),
+                weights.to(torch.float64) / s1, inv_std, -torch.as_tensor(self.diag_mean) * inv_std)), 1.0 / s2)
+        return self._fused_combine
+
     def combine(self, terms: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         k = len(self.term_layers)
-        views = self._view_t[2].to(terms.device, terms.dtype)
-        s_maha = super().combine(terms[:, :k], classes)
-        return (s_maha - views[0]) / views[1] + (self._diag_score(terms[:, k:]) - views[2]) / views[3]
+        const, weights, inv_std, shift, scale = self._combine_constants(terms.device, terms.dtype)
+        worst = torch.addcmul(shift, terms[:, k:], inv_std).amax(dim=1)
+        return torch.addmv(const.expand(terms.shape[0]), terms[:, :k], weights).sub_(worst, alpha=scale)
 
     # ---- persistence ----
     def arrays(self) -> dict[str, np.ndarray]:
@@ -127,12 +163,12 @@ class MahalanobisDiagRule(MahalanobisRule):
         self.view_stats = np.asarray(arrays["view_stats"], dtype=np.float64)
         self.inv_sd = {n: torch.from_numpy(np.asarray(arrays[f"inv_sd/{n}"], dtype=np.float32))
                        for n in self.term_layers}
-        self._diag_packed = None
+        self._diag_packed = self._both_sums = None
         self._set_views()
 
     def to(self, device):
         super().to(device)
         self.inv_sd = {n: t.to(device) for n, t in self.inv_sd.items()}
         self._view_t = tuple(t.to(device) for t in self._view_t)
-        self._diag_packed = None
+        self._diag_packed = self._both_sums = self._fused_combine = None
         return self

@@ -240,15 +240,21 @@ def test_render_builds_the_page_from_json_only(tmp_path: Path) -> None:
         assert (tmp_path / "docs" / "img" / img).stat().st_size > 0
     assert "## Cost" not in text  # no overhead.json: its section is left out rather than invented
     assert "Where the threshold's error comes from" not in text
-    rows = [{"model": "clean", "share": share, "folds": folds, "seed": seed, "n_reference": 100, "n_benign": 900,
-             "floor_classes": 0, "delivered_fpr": fpr, "expected_sd": 0.01}
-            for share, folds, seed, fpr in ((0.2, 5, 0, 0.008), (0.2, 5, 1, 0.006), (0.2, 10, 0, 0.011))]
+    rows = [{"model": "clean", "share": share, "folds": folds, "seed": seed, "confidence": confidence,
+             "n_reference": 100, "n_benign": 900, "floor_classes": 0, "delivered_fpr": fpr, "expected_sd": 0.01}
+            for share, folds, seed, fpr, confidence in ((0.2, 5, 0, 0.008, None), (0.2, 5, 1, 0.006, None),
+                                                        (0.2, 10, 0, 0.011, None), (0.2, 5, 0, 0.004, 0.95),
+                                                        (0.2, 5, 1, 0.012, 0.95))]
     (tmp_path / "results" / "reference_share_gtsrb.json").write_text(json.dumps(
         {"command": "x", "date": "d", "seconds": 1.0, "dataset": "gtsrb", "target_fpr": 0.01, "floor": 10,
          "rule": "mahalanobis", "rows": rows}))
     text = render(tmp_path / "results", tmp_path / "docs")
-    assert "5 folds 0.70%, 10 folds 1.10%" in text  # means over every row, by folds
-    assert "| clean | 20% (100; 0 classes at the floor of 10) | 5 | 2 | 0.70 | 0.60-0.80 | 1.00 |" in text
+    # means of the expected-rate rows only, by folds; the bounded rows are their own table rows
+    assert "gtsrb: 5 folds 0.70% (2 calibrations), 10 folds 1.10% (1 calibration)." in text
+    assert ("| GTSRB | clean | 20% (100; 0 at the floor) | 5 | expected rate | 2 | 0.70 | 0.60-0.80 | 0 / 2 "
+            "| 1.00 |") in text
+    assert ("| GTSRB | clean | 20% (100; 0 at the floor) | 5 | at most, 95% confidence | 2 | 0.80 | 0.40-1.20 | 1 / 2 "
+            "| 1.00 |") in text
 
 
 # ---- helpers of the cost benchmarks -------------------------------------------------------------------

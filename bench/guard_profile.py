@@ -100,6 +100,35 @@ def steps(model, plan, det, xb: torch.Tensor) -> dict[str, Callable[[], object]]
     }, {"keep": keep, "full": full, "compact": compact}
 
 
+def multiply_adds(model: torch.nn.Module, plan, num_classes: int, xb: torch.Tensor) -> dict[str, int]:
+    """Per input: the forward pass's multiply-adds (convolutions and linear layers) and the cosine profile's
+    (each monitored layer's flattened output against every class centroid, plus its norm). A floor that no
+    implementation of the per-layer similarities can go under, whatever the dispatch overheads."""
+    forward = 0
+    widths: dict[str, int] = {}
+
+    def count(module, _inputs, output) -> None:
+        nonlocal forward
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            forward += output[0].numel() * k
+        elif isinstance(module, torch.nn.Linear):
+            forward += module.in_features * module.out_features
+
+    modules = dict(model.named_modules())
+    handles = [m.register_forward_hook(count) for m in modules.values()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    handles += [modules[n].register_forward_hook(lambda _m, _i, out, n=n: widths.__setitem__(n, out[0].numel()))
+                for n in plan.layers]
+    try:
+        with torch.no_grad():
+            model(xb[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return {"forward": int(forward), "cosine_profile": int(sum((num_classes + 1) * w for w in widths.values()))}
+
+
 def measure(arch: str, rule: str, batch: int, repeats: int) -> dict:
     model, plan, det = calibrated(arch, rule)
     xb = torch.rand(batch, 3, 32, 32)
@@ -127,6 +156,7 @@ def measure(arch: str, rule: str, batch: int, repeats: int) -> dict:
         t = statistics.median(times[name])
         row[name] = {"ms": 1e3 * t, "added_ms": 1e3 * (t - plain), "added_pct": 100 * (t / plain - 1)}
     row["response_bytes_per_item"] = len(sample[0]) if sample else 0
+    row["multiply_adds_per_input"] = multiply_adds(model, plan, det.num_classes, xb)
     return row
 
 

@@ -109,6 +109,21 @@ def test_batch_equals_one_at_a_time(served, images):
         assert a["layerguard"]["score"] == pytest.approx(b["layerguard"]["score"], abs=1e-4)
 
 
+def test_clean_batch_is_preprocessed_in_one_call_and_a_bad_one_request_by_request(served, images, monkeypatch):
+    """The inner preprocess runs once per clean batch (as BaseHandler runs it); a batch with a corrupt input
+    falls back to one call per request, so the corrupt one fails alone."""
+    clean, triggered, _ = images
+    calls: list[int] = []
+    inner = served.guard.inner
+    original = inner.preprocess
+    monkeypatch.setattr(inner, "preprocess", lambda rows: calls.append(len(rows)) or original(rows))
+    assert [r[0] for r in served(clean[:3] + triggered[:2])] == [200] * 5
+    assert calls == [5]
+    calls.clear()
+    assert [r[0] for r in served([clean[0], b"\x89PNG broken", triggered[0]])] == [200, 400, 200]
+    assert calls == [3, 1, 1, 1]
+
+
 def test_corrupt_item_gets_its_own_400(served, images, caplog):
     clean, triggered, _ = images
     caplog.set_level(logging.INFO)

@@ -3,9 +3,10 @@
 `LayerGuardHandler` owns an *inner* handler - the one the original archive shipped - and lets it load the
 model and do all the work a client sees. The guard only adds forward hooks on the calibrated layers, so one
 forward pass both predicts and yields the features to score. Two ways, chosen per inner handler:
-- BaseHandler lifecycle (no own `handle`): each request is preprocessed on its own (a corrupt image gets
-  its own 400 and never fails its neighbours), the good ones go through one stacked forward pass, and every
-  result is annotated (or, under the reject policy, replaced by a 403) in the inner handler's own shape.
+- BaseHandler lifecycle (no own `handle`): the batch is preprocessed in one call, as the inner handler would;
+  if that fails, each request is preprocessed on its own (a corrupt image gets its own 400 and never fails
+  its neighbours). The good ones go through one stacked forward pass, and every result is annotated (or,
+  under the reject policy, replaced by a 403) in the inner handler's own shape.
 - an inner handler with its own `handle`: that `handle` runs the batch (so its customisations hold), the
   guard watches the forward pass it makes and annotates its results; a failing batch is retried item by
   item so one bad input costs only its own request.
@@ -109,7 +110,7 @@ class LayerGuardHandler:
         logger.info("layerguard: guarding %s with rule %s at layers %s, policy %s, threshold %s, %s",
                     context.model_name, self.artifact.meta.rule, ",".join(self.artifact.layer_names),
                     self.policy.action, self.detector.policy.describe(),
-                    "inner handle" if self.delegates_handle else "per-item preprocess")
+                    "inner handle" if self.delegates_handle else "inner preprocess")
 
     def _refuse(self, context, exc: BaseException) -> None:
         self.refused = why(exc)
@@ -196,8 +197,12 @@ class LayerGuardHandler:
                        "with the fixed archive.")
         batch.refused = len(batch.responses)
 
-    # -- the BaseHandler lifecycle, one request at a time up to the forward pass --
+    # -- the BaseHandler lifecycle: the batch in one preprocess call, or request by request when that fails --
     def _handle_items(self, data: list, context, batch: _Batch) -> None:
+        whole = self._preprocess_whole(data)
+        if whole is not None:  # the common case: every input read, one tensor, one forward pass
+            self._run_group(list(range(len(data))), whole, context, batch)
+            return
         groups: dict[Any, list[tuple[int, Any]]] = {}
         for i, row in enumerate(data):
             try:
@@ -216,6 +221,20 @@ class LayerGuardHandler:
             indices = [i for i, _ in items]
             inputs = items[0][1] if len(items) == 1 else torch.cat([x for _, x in items])
             self._run_group(indices, inputs, context, batch)
+
+    def _preprocess_whole(self, data: list) -> torch.Tensor | None:
+        """The inner preprocess on the whole batch, as the inner handler itself would call it: one call instead
+        of one per request (what the per-item loop costs is the inner handler's per-call overhead, paid again
+        for every request). None - then each request is preprocessed on its own, so a bad input fails only
+        its own request - when it raises, or returns anything but one tensor row per request."""
+        if len(data) < 2:
+            return None
+        try:
+            with image_bombs_are_errors():
+                x = self.inner.preprocess(data)
+        except Exception:  # noqa: BLE001 - some input is bad: the per-request path finds which, and says why
+            return None
+        return x if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == len(data) else None
 
     def _run_group(self, indices: list[int], inputs: Any, context, batch: _Batch) -> None:
         """One forward pass for these items, then scoring, then the inner postprocess. Each stage that fails

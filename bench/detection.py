@@ -106,6 +106,8 @@ CONFIGS: list[RuleConfig] = [
                {"layers": "all", "reference": "nearest"}),
     RuleConfig("mahalanobis-diag", "mahalanobis-diag (+ worst layer's per-class z)", "mahalanobis-diag",
                {"layers": "all", "reference": "predicted"}),
+    RuleConfig("mahalanobis-diag/no-logits", "mahalanobis-diag, exclude-logits", "mahalanobis-diag",
+               {"layers": "all", "reference": "predicted"}, exclude_logits=True),
 ]
 
 

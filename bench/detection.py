@@ -108,6 +108,8 @@ CONFIGS: list[RuleConfig] = [
                {"layers": "all", "reference": "predicted"}),
     RuleConfig("mahalanobis-diag/no-logits", "mahalanobis-diag, exclude-logits", "mahalanobis-diag",
                {"layers": "all", "reference": "predicted"}, exclude_logits=True),
+    RuleConfig("mahalanobis-spread", "mahalanobis-spread (+ worst layer's channel-spread z)", "mahalanobis-spread",
+               {"layers": "all", "reference": "predicted"}),
 ]
 
 

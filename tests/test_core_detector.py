@@ -362,3 +362,97 @@ def test_fpr_confidence_policy_round_trip_and_validation():
         ThresholdPolicy.from_options(2.5, None, 0.95)
     with pytest.raises(ValueError, match="fpr_confidence must be"):
         ThresholdPolicy(target_fpr=0.01, confidence=0.3)
+
+
+def _feature_maps(n: int, seed: int, texture: float = 1.0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Two classes, a 4x4 feature map layer "m" (class-dependent means and spatial spread) and a vector layer
+    "v" (no spatial extent); `texture` scales the spatial variation around each channel's mean."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    base = torch.tensor([[3.0, 0.0, 1.0], [0.0, 3.0, 1.0]])[y]  # [n, 3] channel means
+    spread = torch.tensor([[1.0, 0.5, 2.0], [0.5, 1.0, 2.0]])[y] * texture * (1.0 + 0.15 * torch.randn(n, 3, generator=gen))
+    noise = torch.randn(n, 3, 4, 4, generator=gen)
+    noise = (noise - noise.mean(dim=(2, 3), keepdim=True)) / noise.std(dim=(2, 3), correction=0, keepdim=True)
+    maps = base[:, :, None, None] + spread[:, :, None, None] * noise + 0.1 * torch.randn(n, 3, 1, 1, generator=gen)
+    vec = 2.0 * torch.nn.functional.one_hot(y, 2).float() + 0.3 * torch.randn(n, 2, generator=gen)
+    return {"m": maps, "v": vec}, y
+
+
+def test_mahalanobis_spread_terms_match_numpy():
+    """The third view's term per spatial layer: RMS over channels of (spread - mu_k) / sd_k, spread = the
+    channel's spatial standard deviation, sd_k^2 half the class's own variance and half the pooled one; a layer
+    without spatial extent (the vector "v") gets no spread term."""
+    from layerguard.core.rules.mahalanobis_diag import DIAGONAL_SHRINKAGE
+
+    feats, y = _feature_maps(80, seed=5)
+    rule = create_rule("mahalanobis-spread", ("m", "v"), 2)
+    stats = rule.new_statistics(feats)
+    rule.update(stats, feats, y)
+    rule.fit(stats, ["0", "1"])
+    assert rule.spread_layers == ("m",)
+    assert rule.term_names == ("m", "v", "m/diagonal-z", "v/diagonal-z", "m/spread-z")
+    s = feats["m"].flatten(2).std(dim=2, correction=0).double().numpy()
+    yn = y.numpy()
+    mu = np.stack([s[yn == c].mean(0) for c in range(2)])
+    own = np.stack([s[yn == c].var(0) for c in range(2)])
+    var = (1 - DIAGONAL_SHRINKAGE) * own + DIAGONAL_SHRINKAGE * ((s - mu[yn]) ** 2).mean(0)
+    query, _ = _feature_maps(6, seed=6, texture=1.7)
+    cls = torch.tensor([0, 1, 1, 0, 1, 0])
+    reduced = {n: rule.reduce(n, t) for n, t in query.items()}
+    assert reduced["m"].shape == (6, 6) and reduced["v"].shape == (6, 2)  # [pooled | spread] for the map
+    assert torch.allclose(reduced["m"][:, :3], pool(query["m"]), atol=1e-6)
+    terms = rule.terms(reduced, cls, None)
+    qs = query["m"].flatten(2).std(dim=2, correction=0).double().numpy()
+    expected = np.sqrt((((qs - mu[cls.numpy()]) ** 2) / var[cls.numpy()]).mean(1))
+    assert terms.shape == (6, 5)
+    assert np.allclose(terms[:, 4].numpy(), expected, rtol=1e-4)
+    # the first four terms are mahalanobis-diag's, on the pooled part alone
+    diag = create_rule("mahalanobis-diag", ("m", "v"), 2)
+    diag.fit(stats, ["0", "1"])
+    assert torch.allclose(terms[:, :4], diag.terms({n: diag.reduce(n, t) for n, t in query.items()}, cls, None),
+                          rtol=1e-5, atol=1e-5)
+
+
+def test_mahalanobis_spread_combination_is_the_sum_of_three_standardised_views():
+    """score = mahalanobis-diag's two standardised views + (S_spread - m3) / s3, S_spread = -max_l of the
+    spread terms standardised per layer; out of fold the benign scores are centred."""
+    rng = np.random.default_rng(7)
+    rule = create_rule("mahalanobis-spread", ("a", "b", "c"), 2)
+    rule._set_spread_layers(("a", "b"))
+    terms = np.abs(rng.normal(2.0, 1.0, size=(300, 8)))
+    rule.fit_combination(terms, np.zeros(300, dtype=np.int64), np.zeros(2, dtype=np.int64))
+    query = np.abs(rng.normal(2.0, 1.5, size=(9, 8)))
+    s_maha = -((query[:, :3] - rule.term_mean) / rule.term_std).sum(1)
+    s_diag = -((query[:, 3:6] - rule.diag_mean) / rule.diag_std).max(1)
+    s_spread = -((query[:, 6:] - rule.spread_term_mean) / rule.spread_term_std).max(1)
+    m1, s1, m2, s2 = rule.view_stats
+    m3, s3 = rule.spread_view
+    expected = (s_maha - m1) / s1 + (s_diag - m2) / s2 + (s_spread - m3) / s3
+    got = rule.combine(torch.from_numpy(query).float(), torch.zeros(9, dtype=torch.int64)).numpy()
+    assert np.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert abs(float(rule.combine(torch.from_numpy(terms).float(), torch.zeros(300)).mean())) < 1e-3
+
+
+def test_mahalanobis_spread_sees_a_texture_change_the_pooled_views_miss():
+    """An input whose channel means are its class's but whose feature map is twice as uneven (what a warping
+    trigger does to texture): mahalanobis-diag scores it like benign, mahalanobis-spread flags it. The artifact's
+    arrays rebuild the same detector, and a feature map of the wrong width is refused with a clear error."""
+    feats, y = _feature_maps(120, seed=8)
+    query, _ = _feature_maps(20, seed=9, texture=2.0)
+    classes = torch.arange(20) % 2
+    flagged = {}
+    for name in ("mahalanobis-diag", "mahalanobis-spread"):
+        spec = DetectorSpec(rule=name, layer_names=("m", "v"), num_classes=2, loi_search_start=1, penultimate="v",
+                            folds=4)
+        fitter = DetectorFitter(spec)
+        fitter.update(feats, y)
+        fitter.fit()
+        fitter.update_out_of_fold(feats, y)
+        det = fitter.detector(ThresholdPolicy(target_fpr=0.05))
+        flagged[name] = float(det.score(query, classes).poisoned.float().mean())
+    assert flagged["mahalanobis-spread"] >= 0.9 and flagged["mahalanobis-diag"] <= 0.3
+    again = Detector.from_arrays(det.spec, det.arrays(), det.policy)
+    assert again.rule.spread_layers == ("m",)
+    assert torch.allclose(again.score(query, classes).scores, det.score(query, classes).scores, atol=1e-5)
+    with pytest.raises(ValueError, match="layer m: expected pooled features and spreads of 3 channels"):
+        again.rule.terms({"m": torch.ones(2, 4), "v": torch.ones(2, 2)}, torch.tensor([0, 1]), None)

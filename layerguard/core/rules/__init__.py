@@ -6,11 +6,12 @@ from .base import FitError, LayerStatistics, ScoringRule
 from .cosine_loi import CosineLoiRule
 from .mahalanobis import MahalanobisRule
 from .mahalanobis_diag import MahalanobisDiagRule
+from .mahalanobis_spread import MahalanobisSpreadRule
 
 __all__ = ["DEFAULT_RULE", "RULES", "FitError", "LayerStatistics", "ScoringRule", "create_rule", "parse_rule_options"]
 
 RULES: dict[str, type[ScoringRule]] = {rule.name: rule for rule in (CosineLoiRule, MahalanobisRule,
-                                                                     MahalanobisDiagRule)}
+                                                                     MahalanobisDiagRule, MahalanobisSpreadRule)}
 DEFAULT_RULE = "mahalanobis-diag"
 
 

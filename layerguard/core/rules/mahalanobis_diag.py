@@ -27,10 +27,19 @@ from ..stats import ClassScatter
 from .base import LayerStatistics
 from .mahalanobis import MahalanobisRule
 
-__all__ = ["DIAGONAL_SHRINKAGE", "MahalanobisDiagRule"]
+__all__ = ["DIAGONAL_SHRINKAGE", "MahalanobisDiagRule", "diagonal_inverse_sd"]
 
 DIAGONAL_SHRINKAGE = 0.5  # sd_k^2 = (1 - w) * class variance + w * pooled variance; fixed a priori, not tuned
 DIAGONAL_SUFFIX = "/diagonal-z"
+
+
+def diagonal_inverse_sd(acc: ClassScatter) -> torch.Tensor:
+    """[C, W] 1 / sd_k per class and feature: half the class's own variance, half the pooled within-class
+    variance (so a class with few references stays usable), floored for a feature constant within every class."""
+    pooled = torch.diagonal(acc.tied_covariance())
+    var = (1.0 - DIAGONAL_SHRINKAGE) * acc.class_variances() + DIAGONAL_SHRINKAGE * pooled[None, :]
+    floor = max(float(pooled.mean()), 1e-12) * 1e-6
+    return var.clamp(min=floor).rsqrt().to(torch.float32)
 
 
 class MahalanobisDiagRule(MahalanobisRule):
@@ -60,11 +69,7 @@ class MahalanobisDiagRule(MahalanobisRule):
     def fit(self, stats: LayerStatistics, class_names: list[str]) -> None:
         super().fit(stats, class_names)
         for name in self.term_layers:
-            acc: ClassScatter = stats[name]
-            pooled = torch.diagonal(acc.tied_covariance())
-            var = (1.0 - DIAGONAL_SHRINKAGE) * acc.class_variances() + DIAGONAL_SHRINKAGE * pooled[None, :]
-            floor = max(float(pooled.mean()), 1e-12) * 1e-6  # a feature constant within every class
-            self.inv_sd[name] = var.clamp(min=floor).rsqrt().to(torch.float32)
+            self.inv_sd[name] = diagonal_inverse_sd(stats[name])
         self._diag_packed = self._both_sums = None
 
     def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:

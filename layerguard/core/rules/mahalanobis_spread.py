@@ -1,0 +1,201 @@
+"""`mahalanobis-spread`: `mahalanobis-diag` plus a third view, the worst layer's per-class z-score of each
+channel's spatial spread.
+
+Why a third view: pooled features keep a feature map's mean and drop its texture. A warping trigger (WaNet)
+moves a layer's per-channel means by little but changes how unevenly each channel fires across the map; the
+spread, the standard deviation of a channel over its spatial positions, is the square root of the diagonal of
+the centred Gram matrix of that layer's feature map (Beatrix, Ma et al. NDSS 2023, uses Gram matrices; this
+keeps only their diagonal, one number per channel, so it stays a pooled statistic). Per monitored layer whose
+output has a spatial extent, the term is the RMS over channels of z = (spread - mu_k) / sd_k against the
+predicted class's own per-channel spread statistics (the same half-class, half-pooled variance as
+`mahalanobis-diag`). Each layer's term is standardised with its out-of-fold benign mean and std, the view takes
+the worst layer, S_spread = -max_l z_l, and the score adds it, standardised, to `mahalanobis-diag`'s two views:
+score = (S_maha - m1) / s1 + (S_diag - m2) / s2 + (S_spread - m3) / s3, lower is more suspicious.
+
+Layers without a spatial extent (the logits, a flattened penultimate) get no spread term. Statistics stay
+streaming and mergeable (one more `ClassScatter` per spatial layer). Serving cost: the hooks reduce each spatial
+layer with one `std_mean` instead of one `mean`, and scoring adds a few ops per batch. The measurement that
+decided it (and what it costs) is in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from ..stats import ClassScatter
+from .base import LayerStatistics
+from .mahalanobis_diag import MahalanobisDiagRule, diagonal_inverse_sd
+
+__all__ = ["SPREAD_SUFFIX", "MahalanobisSpreadRule", "channel_spread"]
+
+SPREAD_SUFFIX = "/spread-z"
+
+
+def has_spatial_extent(output: torch.Tensor) -> bool:
+    """A [B, C, ...] output with more than one position per channel (a feature map, not a vector)."""
+    return output.dim() >= 3 and output[0, 0].numel() > 1
+
+
+def channel_spread(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, C] spatial standard deviation, [B, C] spatial mean) of a [B, C, ...] feature map, float32, in one op."""
+    std, mean = torch.std_mean(output.flatten(2), dim=2, correction=0)
+    return std.float(), mean.float()
+
+
+class MahalanobisSpreadRule(MahalanobisDiagRule):
+    name = "mahalanobis-spread"
+    summary = ("the mahalanobis-diag score plus minus the largest per-layer RMS z-score of each channel's spatial "
+               "standard deviation against the predicted class's own spread, standardised, summed")
+    term_label = ("per layer: Mahalanobis distance to the class mean, RMS z-score against the class's own spread "
+                  "(pooled features), then RMS z-score of the channels' spatial standard deviations")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.spread_layers: tuple[str, ...] = ()
+        self.spread_means: dict[str, torch.Tensor] = {}
+        self.spread_inv_sd: dict[str, torch.Tensor] = {}
+        self.spread_term_mean = np.zeros(0)
+        self.spread_term_std = np.ones(0)
+        self.spread_view = np.array([0.0, 1.0])  # mean, std of S_spread
+        self._spread_packed: tuple[torch.Tensor, ...] | None = None
+        self._spread_combine: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        return super().term_names + tuple(n + SPREAD_SUFFIX for n in self.spread_layers)
+
+    def _set_spread_layers(self, names: tuple[str, ...]) -> None:
+        self.spread_layers = tuple(n for n in self.term_layers if n in names)
+        self._spread_packed = self._spread_combine = None
+
+    # ---- fit ----
+    def new_statistics(self, features: dict[str, torch.Tensor]) -> LayerStatistics:
+        stats = super().new_statistics(features)
+        for name in self.term_layers:
+            if has_spatial_extent(features[name]):
+                stats.accumulators[name + SPREAD_SUFFIX] = ClassScatter(self.num_classes, features[name].shape[1],
+                                                                        "cpu")
+        return stats
+
+    def update(self, stats: LayerStatistics, features, labels) -> None:
+        super().update(stats, features, labels)
+        for name in self.term_layers:
+            key = name + SPREAD_SUFFIX
+            if key in stats.accumulators:
+                stats[key].update(channel_spread(features[name])[0].cpu(), labels.cpu())
+
+    def fit(self, stats: LayerStatistics, class_names: list[str]) -> None:
+        super().fit(stats, class_names)
+        self._set_spread_layers(tuple(n for n in self.term_layers if n + SPREAD_SUFFIX in stats.accumulators))
+        for name in self.spread_layers:
+            acc: ClassScatter = stats[name + SPREAD_SUFFIX]
+            self.spread_means[name] = acc.means().to(torch.float32)
+            self.spread_inv_sd[name] = diagonal_inverse_sd(acc)
+
+    def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:
+        k = 2 * len(self.term_layers)
+        super().fit_combination(terms[:, :k], labels, loi)
+        spread = terms[:, k:]
+        if spread.shape[1] == 0:
+            return
+        self.spread_term_mean, self.spread_term_std = spread.mean(axis=0), np.maximum(spread.std(axis=0), 1e-6)
+        self._spread_combine = None
+        worst = self._worst_spread(torch.from_numpy(spread).to(torch.float32)).double().numpy()
+        self.spread_view = np.array([-worst.mean(), max(worst.std(), 1e-6)])
+        self._spread_combine = None
+
+    # ---- score ----
+    def reduce(self, name: str, output: torch.Tensor) -> torch.Tensor | None:
+        if name not in self.spread_layers:
+            return super().reduce(name, output)
+        std, mean = channel_spread(output)
+        return torch.cat([mean, std], dim=1)  # [B, 2C]: the pooled features, then their spreads
+
+    def _packed_spread(self) -> tuple[torch.Tensor, ...]:
+        """Spread means [C, W] and inverse sds [C, W] of all spatial layers side by side, and the [W, S]
+        indicator divided by each layer's width: every layer's RMS z in three ops."""
+        if self._spread_packed is None:
+            widths = [int(self.spread_means[n].shape[1]) for n in self.spread_layers]
+            device = self.spread_means[self.spread_layers[0]].device
+            layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+            blocks = torch.nn.functional.one_hot(layer_of, len(widths)).to(device, torch.float32)
+            self._spread_packed = (torch.cat([self.spread_means[n] for n in self.spread_layers], dim=1),
+                                   torch.cat([self.spread_inv_sd[n] for n in self.spread_layers], dim=1),
+                                   blocks / torch.tensor(widths, dtype=torch.float32, device=device))
+        return self._spread_packed
+
+    def terms(self, reduced, classes, similarities) -> torch.Tensor:
+        if not self.spread_layers:
+            return super().terms(reduced, classes, similarities)
+        pooled = dict(reduced)
+        spreads = []
+        for name in self.spread_layers:
+            width = int(self.spread_means[name].shape[1])
+            both = reduced[name]
+            if both.shape[1] != 2 * width:
+                raise ValueError(f"layer {name}: expected pooled features and spreads of {width} channels each, got "
+                                 f"{both.shape[1]} values; the model does not match the calibration")
+            pooled[name], spread = both[:, :width], both[:, width:]
+            spreads.append(spread)
+        base = super().terms(pooled, classes, similarities)
+        means, inv_sd, layer_sum = self._packed_spread()
+        cls = classes.to(means.device)
+        z = (torch.cat(spreads, dim=1) - means[cls]) * inv_sd[cls]
+        return torch.cat([base, ((z * z) @ layer_sum).sqrt_()], dim=1)
+
+    def _spread_constants(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(1 / std per layer, -mean / std per layer, m3, 1 / s3): S_spread's standardised form in three ops."""
+        if self._spread_combine is None or self._spread_combine[0].device != torch.device(device) \
+                or self._spread_combine[0].dtype != dtype:
+            inv_std = torch.as_tensor(1.0 / self.spread_term_std, dtype=torch.float64)
+            shift = -torch.as_tensor(self.spread_term_mean, dtype=torch.float64) * inv_std
+            self._spread_combine = (inv_std.to(device, dtype), shift.to(device, dtype),
+                                    float(self.spread_view[0]), 1.0 / float(self.spread_view[1]))
+        return self._spread_combine
+
+    def _worst_spread(self, spread_terms: torch.Tensor) -> torch.Tensor:
+        """[B] the largest standardised spread term: -S_spread."""
+        inv_std, shift, _, _ = self._spread_constants(spread_terms.device, spread_terms.dtype)
+        return torch.addcmul(shift, spread_terms, inv_std).amax(dim=1)
+
+    def combine(self, terms: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        k = 2 * len(self.term_layers)
+        score = super().combine(terms[:, :k], classes)
+        if not self.spread_layers:
+            return score
+        _, _, m3, inv_s3 = self._spread_constants(terms.device, terms.dtype)
+        # + (S_spread - m3) / s3 with S_spread = -worst
+        return score.sub_(self._worst_spread(terms[:, k:]).add_(m3), alpha=inv_s3)
+
+    # ---- persistence ----
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = super().arrays()
+        out["spread_layers"] = np.array([self.term_layers.index(n) for n in self.spread_layers], dtype=np.int64)
+        out.update({"spread_term_mean": self.spread_term_mean, "spread_term_std": self.spread_term_std,
+                    "spread_view": self.spread_view})
+        for name in self.spread_layers:
+            out[f"spread_mean/{name}"] = self.spread_means[name].cpu().numpy()
+            out[f"spread_inv_sd/{name}"] = self.spread_inv_sd[name].cpu().numpy()
+        return out
+
+    def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        super().load_arrays(arrays)
+        index = np.asarray(arrays["spread_layers"], dtype=np.int64)
+        self._set_spread_layers(tuple(self.term_layers[i] for i in index))
+        self.spread_term_mean = np.asarray(arrays["spread_term_mean"], dtype=np.float64)
+        self.spread_term_std = np.asarray(arrays["spread_term_std"], dtype=np.float64)
+        self.spread_view = np.asarray(arrays["spread_view"], dtype=np.float64)
+        self.spread_means = {n: torch.from_numpy(np.asarray(arrays[f"spread_mean/{n}"], dtype=np.float32))
+                             for n in self.spread_layers}
+        self.spread_inv_sd = {n: torch.from_numpy(np.asarray(arrays[f"spread_inv_sd/{n}"], dtype=np.float32))
+                              for n in self.spread_layers}
+
+    def to(self, device):
+        super().to(device)
+        self.spread_means = {n: t.to(device) for n, t in self.spread_means.items()}
+        self.spread_inv_sd = {n: t.to(device) for n, t in self.spread_inv_sd.items()}
+        self._spread_packed = self._spread_combine = None
+        return self

@@ -370,7 +370,8 @@ def _feature_maps(n: int, seed: int, texture: float = 1.0) -> tuple[dict[str, to
     gen = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 2
     base = torch.tensor([[3.0, 0.0, 1.0], [0.0, 3.0, 1.0]])[y]  # [n, 3] channel means
-    spread = torch.tensor([[1.0, 0.5, 2.0], [0.5, 1.0, 2.0]])[y] * texture * (1.0 + 0.15 * torch.randn(n, 3, generator=gen))
+    jitter = 1.0 + 0.15 * torch.randn(n, 3, generator=gen)
+    spread = torch.tensor([[1.0, 0.5, 2.0], [0.5, 1.0, 2.0]])[y] * texture * jitter
     noise = torch.randn(n, 3, 4, 4, generator=gen)
     noise = (noise - noise.mean(dim=(2, 3), keepdim=True)) / noise.std(dim=(2, 3), correction=0, keepdim=True)
     maps = base[:, :, None, None] + spread[:, :, None, None] * noise + 0.1 * torch.randn(n, 3, 1, 1, generator=gen)

@@ -12,7 +12,7 @@ __all__ = ["DEFAULT_RULE", "RULES", "FitError", "LayerStatistics", "ScoringRule"
 
 RULES: dict[str, type[ScoringRule]] = {rule.name: rule for rule in (CosineLoiRule, MahalanobisRule,
                                                                      MahalanobisDiagRule, MahalanobisSpreadRule)}
-DEFAULT_RULE = "mahalanobis-diag"
+DEFAULT_RULE = "mahalanobis-spread"
 
 
 def create_rule(name: str, layer_names: tuple[str, ...], num_classes: int, options: dict | None = None,

@@ -400,8 +400,11 @@ def test_mahalanobis_spread_terms_match_numpy():
     query, _ = _feature_maps(6, seed=6, texture=1.7)
     cls = torch.tensor([0, 1, 1, 0, 1, 0])
     reduced = {n: rule.reduce(n, t) for n, t in query.items()}
-    assert reduced["m"].shape == (6, 6) and reduced["v"].shape == (6, 2)  # [pooled | spread] for the map
-    assert torch.allclose(reduced["m"][:, :3], pool(query["m"]), atol=1e-6)
+    mean, norm, positions = reduced["m"]  # a feature map's hook keeps its channels' mean and L2 norm
+    assert torch.allclose(mean, pool(query["m"]), atol=1e-6) and reduced["v"].shape == (6, 2)
+    assert torch.allclose(norm, (query["m"] ** 2).sum(dim=(2, 3)).sqrt(), rtol=1e-5) and positions == 16
+    channels_last = rule.reduce("m", query["m"].contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(channels_last[1], norm, rtol=1e-5)  # the other reduction path, same numbers
     terms = rule.terms(reduced, cls, None)
     qs = query["m"].flatten(2).std(dim=2, correction=0).double().numpy()
     expected = np.sqrt((((qs - mu[cls.numpy()]) ** 2) / var[cls.numpy()]).mean(1))
@@ -455,5 +458,6 @@ def test_mahalanobis_spread_sees_a_texture_change_the_pooled_views_miss():
     again = Detector.from_arrays(det.spec, det.arrays(), det.policy)
     assert again.rule.spread_layers == ("m",)
     assert torch.allclose(again.score(query, classes).scores, det.score(query, classes).scores, atol=1e-5)
-    with pytest.raises(ValueError, match="layer m: expected pooled features and spreads of 3 channels"):
-        again.rule.terms({"m": torch.ones(2, 4), "v": torch.ones(2, 2)}, torch.tensor([0, 1]), None)
+    with pytest.raises(ValueError, match="layer m: expected the moments of a feature map of 3 channels, got 4"):
+        again.rule.terms({"m": (torch.ones(2, 4), torch.ones(2, 4), 16), "v": torch.ones(2, 2)}, torch.tensor([0, 1]),
+                         None)

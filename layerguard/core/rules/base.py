@@ -89,9 +89,9 @@ class ScoringRule(ABC):
     def fit(self, stats: LayerStatistics | None, class_names: list[str]) -> None:
         """Compute the rule's state from the statistics; raise FitError naming what is wrong."""
 
-    def reduce(self, name: str, output: torch.Tensor) -> torch.Tensor | None:
-        """What the rule needs of one layer's output, as small as possible (serving computes it inside the
-        layer's hook, so the activation itself is not kept). None: the rule needs nothing of this layer."""
+    def reduce(self, name: str, output: torch.Tensor) -> Any:
+        """What the rule needs of one layer's output, as small as possible: a tensor or a tuple of tensors (serving
+        computes it inside the layer's hook, so the activation itself is not kept). None: nothing of this layer."""
         return None
 
     @abstractmethod

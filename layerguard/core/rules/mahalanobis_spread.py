@@ -20,6 +20,7 @@ batch. The measurement that decided it (and what it costs) is in docs/benchmarks
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -29,7 +30,7 @@ from ..stats import ClassScatter
 from .base import LayerStatistics
 from .mahalanobis_diag import MahalanobisDiagRule, diagonal_inverse_sd
 
-__all__ = ["SPREAD_SUFFIX", "MahalanobisSpreadRule", "channel_spread"]
+__all__ = ["SPREAD_SUFFIX", "MahalanobisSpreadRule", "channel_moments", "channel_spread", "spread_from_moments"]
 
 SPREAD_SUFFIX = "/spread-z"
 
@@ -39,22 +40,30 @@ def has_spatial_extent(output: torch.Tensor) -> bool:
     return output.dim() >= 3 and output[0, 0].numel() > 1
 
 
-def channel_spread(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, C] spatial standard deviation, [B, C] spatial mean) of a [B, C, ...] feature map, float32.
-
-    From the first two moments, one plain reduction each: `torch.std_mean` runs a Welford loop that is about
-    100x slower than a mean on CPU (1.2 ms against 13 us for a [32, 32, 16, 16] map, one thread), which alone
-    would cost a ResNet-20 a third of its forward pass. A vector norm is as fast as a mean on a contiguous map
-    but not on a channels_last one, where squaring and summing is (bench/guard_profile.py measures the hooks)."""
+def channel_moments(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """([B, C] spatial mean, [B, C] spatial L2 norm, positions per channel) of a [B, C, ...] feature map, float32:
+    what a hook keeps of a spatial layer, in two plain reductions (the spread is derived from them for all
+    layers at once). Not `torch.std_mean`: it runs a Welford loop about 100x slower than a mean on CPU (1.2 ms
+    against 13 us for a [32, 32, 16, 16] map, one thread). A vector norm is as fast as a mean on a contiguous map
+    but not on a channels_last one, where squaring and summing is."""
     dims = tuple(range(2, output.dim()))
-    positions = output[0, 0].numel()
     mean = output.mean(dim=dims, dtype=torch.float32)
     if output.is_contiguous():
-        second = torch.linalg.vector_norm(output, dim=dims, dtype=torch.float32).square_().div_(positions)
+        norm = torch.linalg.vector_norm(output, dim=dims, dtype=torch.float32)
     else:
-        x = output if output.dtype == torch.float32 else output.float()
-        second = x.square().sum(dim=dims).div_(positions)
-    return second.sub_(mean * mean).clamp_min_(0.0).sqrt_(), mean
+        norm = (output if output.dtype == torch.float32 else output.float()).square().sum(dim=dims).sqrt_()
+    return mean, norm, math.prod(output.shape[2:])
+
+
+def spread_from_moments(mean: torch.Tensor, norm: torch.Tensor, inv_positions: torch.Tensor | float) -> torch.Tensor:
+    """Population standard deviation sqrt(|x|^2 / n - mean^2), clamped at 0 against rounding."""
+    return torch.addcmul(norm.square().mul_(inv_positions), mean, mean, value=-1.0).clamp_min_(0.0).sqrt_()
+
+
+def channel_spread(output: torch.Tensor) -> torch.Tensor:
+    """[B, C] spatial standard deviation of each channel of a [B, C, ...] feature map (what calibration fits)."""
+    mean, norm, positions = channel_moments(output)
+    return spread_from_moments(mean, norm, 1.0 / positions)
 
 
 class MahalanobisSpreadRule(MahalanobisDiagRule):
@@ -74,6 +83,7 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
         self.spread_view = np.array([0.0, 1.0])  # mean, std of S_spread
         self._spread_packed: tuple[torch.Tensor, ...] | None = None
         self._spread_combine: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
+        self._inv_positions: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     @property
     def term_names(self) -> tuple[str, ...]:
@@ -81,7 +91,7 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
 
     def _set_spread_layers(self, names: tuple[str, ...]) -> None:
         self.spread_layers = tuple(n for n in self.term_layers if n in names)
-        self._spread_packed = self._spread_combine = None
+        self._spread_packed = self._spread_combine = self._inv_positions = None
 
     # ---- fit ----
     def new_statistics(self, features: dict[str, torch.Tensor]) -> LayerStatistics:
@@ -97,7 +107,7 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
         for name in self.term_layers:
             key = name + SPREAD_SUFFIX
             if key in stats.accumulators:
-                stats[key].update(channel_spread(features[name])[0].cpu(), labels.cpu())
+                stats[key].update(channel_spread(features[name]).cpu(), labels.cpu())
 
     def fit(self, stats: LayerStatistics, class_names: list[str]) -> None:
         super().fit(stats, class_names)
@@ -120,11 +130,12 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
         self._spread_combine = None
 
     # ---- score ----
-    def reduce(self, name: str, output: torch.Tensor) -> torch.Tensor | None:
+    def reduce(self, name: str, output: torch.Tensor):
+        """For a spatial layer, its channels' (mean, L2 norm, positions); the spreads are derived for all layers at
+        once in `terms` (at batch 1 the op count, not the arithmetic, is the cost)."""
         if name not in self.spread_layers:
             return super().reduce(name, output)
-        std, mean = channel_spread(output)
-        return torch.cat([mean, std], dim=1)  # [B, 2C]: the pooled features, then their spreads
+        return channel_moments(output)
 
     def _packed_spread(self) -> tuple[torch.Tensor, ...]:
         """Spread means [C, W] and inverse sds [C, W] of all spatial layers side by side, and the [W, S]
@@ -143,20 +154,33 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
         if not self.spread_layers:
             return super().terms(reduced, classes, similarities)
         pooled = dict(reduced)
-        spreads = []
+        norms, positions = [], []
         for name in self.spread_layers:
+            moments = reduced[name]
             width = int(self.spread_means[name].shape[1])
-            both = reduced[name]
-            if both.shape[1] != 2 * width:
-                raise ValueError(f"layer {name}: expected pooled features and spreads of {width} channels each, got "
-                                 f"{both.shape[1]} values; the model does not match the calibration")
-            pooled[name], spread = both[:, :width], both[:, width:]
-            spreads.append(spread)
+            if not isinstance(moments, tuple) or moments[0].shape[1] != width:
+                got = moments[0].shape[1] if isinstance(moments, tuple) else "no"
+                raise ValueError(f"layer {name}: expected the moments of a feature map of {width} channels, got "
+                                 f"{got}; the model does not match the calibration")
+            pooled[name], norm, count = moments
+            norms.append(norm)
+            positions.append(count)
         base = super().terms(pooled, classes, similarities)
         means, inv_sd, layer_sum = self._packed_spread()
+        spread = spread_from_moments(torch.cat([pooled[n] for n in self.spread_layers], dim=1), torch.cat(norms, 1),
+                                     self._inverse_positions(tuple(positions), means.device))
         cls = classes.to(means.device)
-        z = (torch.cat(spreads, dim=1) - means[cls]) * inv_sd[cls]
+        z = (spread - means[cls]) * inv_sd[cls]
         return torch.cat([base, ((z * z) @ layer_sum).sqrt_()], dim=1)
+
+    def _inverse_positions(self, positions: tuple[int, ...], device) -> torch.Tensor:
+        """[W] 1 / positions of each spread feature's layer, cached per feature-map size."""
+        if self._inv_positions is None or self._inv_positions[0] != positions \
+                or self._inv_positions[1].device != torch.device(device):
+            widths = [int(self.spread_means[n].shape[1]) for n in self.spread_layers]
+            per_layer = torch.tensor([1.0 / p for p in positions], dtype=torch.float32)
+            self._inv_positions = (positions, torch.repeat_interleave(per_layer, torch.tensor(widths)).to(device))
+        return self._inv_positions[1]
 
     def _spread_constants(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """(1 / std per layer, -mean / std per layer, m3, 1 / s3): S_spread's standardised form in three ops."""
@@ -209,5 +233,5 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
         super().to(device)
         self.spread_means = {n: t.to(device) for n, t in self.spread_means.items()}
         self.spread_inv_sd = {n: t.to(device) for n, t in self.spread_inv_sd.items()}
-        self._spread_packed = self._spread_combine = None
+        self._spread_packed = self._spread_combine = self._inv_positions = None
         return self

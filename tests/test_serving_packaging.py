@@ -19,7 +19,7 @@ from layerguard.tooling.wrap import WrapConfig, WrapError, wrap_mar
 RUNTIME_MODULES = {"core/__init__", "core/artifact", "core/capture", "core/detector", "core/layers", "core/stats",
                    "core/thresholds", "core/similarity", "core/rules/__init__", "core/rules/base",
                    "core/rules/cosine_loi", "core/rules/mahalanobis", "core/rules/mahalanobis_diag",
-                   "serving/__init__", "serving/entry",
+                   "core/rules/mahalanobis_spread", "serving/__init__", "serving/entry",
                    "serving/handler", "serving/inner", "serving/inputs", "serving/metrics", "serving/policy"}
 
 

@@ -455,9 +455,15 @@ def test_mahalanobis_spread_sees_a_texture_change_the_pooled_views_miss():
         det = fitter.detector(ThresholdPolicy(target_fpr=0.05))
         flagged[name] = float(det.score(query, classes).poisoned.float().mean())
     assert flagged["mahalanobis-spread"] >= 0.9 and flagged["mahalanobis-diag"] <= 0.3
+    # the hooks take each map's norm from its channels' norms: the similarities are the profile's own
+    shared = det.score(query, classes).similarities
+    assert torch.allclose(shared, det.profile.similarities(query, classes), atol=1e-5)
+    assert det.rule.output_norms("v", query["v"]) is None  # a vector layer: the profile computes its norm
     again = Detector.from_arrays(det.spec, det.arrays(), det.policy)
     assert again.rule.spread_layers == ("m",)
     assert torch.allclose(again.score(query, classes).scores, det.score(query, classes).scores, atol=1e-5)
+    with pytest.raises(ValueError, match="layer m was calibrated on a feature map, but returned shape"):
+        again.rule.reduce("m", torch.ones(2, 3))
     with pytest.raises(ValueError, match="layer m: expected the moments of a feature map of 3 channels, got 4"):
         again.rule.terms({"m": (torch.ones(2, 4), torch.ones(2, 4), 16), "v": torch.ones(2, 2)}, torch.tensor([0, 1]),
                          None)

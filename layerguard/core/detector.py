@@ -122,7 +122,10 @@ class Detector:
         cosine = similarities or self.rule.name == "cosine-loi"
 
         def reduce(name: str, output: torch.Tensor) -> tuple:
-            return (self.profile.reduce(name, output) if cosine else None, self.rule.reduce(name, output))
+            ruled = self.rule.reduce(name, output)
+            if not cosine:
+                return None, ruled
+            return self.profile.reduce(name, output, self.rule.output_norms(name, ruled)), ruled
 
         return reduce
 

@@ -76,14 +76,19 @@ class CosineProfile:
                   device: torch.device | str = "cpu") -> CosineProfile:
         return cls(layer_names, {n: sums[n].means().to(torch.float32) for n in layer_names}, device)
 
-    def reduce(self, name: str, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce(self, name: str, output: torch.Tensor, norms: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cosine needs of one layer's output, computed while it is still in cache (serving does this
         inside the layer's hook, so no activation outlives its layer): the dot products with every unit
-        centroid [C, B] (or, with many classes, the flattened output itself [B, D]) and the norms [B]."""
+        centroid [C, B] (or, with many classes, the flattened output itself [B, D]) and the norms [B] (given
+        when the rule's own reduction already holds them: one pass over the activation fewer)."""
         f = flatten(output)
         if f.dtype != torch.float32 or f.device != self.device:
             f = f.to(self.device, torch.float32)
-        norms = torch.linalg.vector_norm(f, dim=1)
+        if norms is None:
+            norms = torch.linalg.vector_norm(f, dim=1)
+        elif norms.dtype != torch.float32 or norms.device != self.device:
+            norms = norms.to(self.device, torch.float32)
         if self.num_classes <= MATMUL_MAX_CLASSES:
             # One BLAS call against every centroid beats gathering a [B, D] copy when classes are few.
             # centroids @ f.T, not f @ centroids.T: the same numbers, and about 1.5x faster on CPU for these

@@ -94,6 +94,11 @@ class ScoringRule(ABC):
         computes it inside the layer's hook, so the activation itself is not kept). None: nothing of this layer."""
         return None
 
+    def output_norms(self, name: str, reduced: Any) -> torch.Tensor | None:
+        """[B] L2 norm of the layer's whole output when `reduce`'s result already determines it (the cosine
+        profile then skips its own pass over the activation); None: it does not."""
+        return None
+
     @abstractmethod
     def terms(self, reduced: dict[str, torch.Tensor | None], classes: torch.Tensor,
               similarities: torch.Tensor) -> torch.Tensor:

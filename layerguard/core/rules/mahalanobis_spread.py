@@ -135,7 +135,17 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
         once in `terms` (at batch 1 the op count, not the arithmetic, is the cost)."""
         if name not in self.spread_layers:
             return super().reduce(name, output)
+        if output.dim() < 3:
+            raise ValueError(f"layer {name} was calibrated on a feature map, but returned shape "
+                             f"{tuple(output.shape)}; the model does not match the calibration")
         return channel_moments(output)
+
+    def output_norms(self, name: str, reduced) -> torch.Tensor | None:
+        """The whole map's norm from its channels' norms: sqrt(sum_c |x_c|^2), an op on [B, C] instead of a pass
+        over the activation."""
+        if name not in self.spread_layers:
+            return None
+        return torch.linalg.vector_norm(reduced[1], dim=1)
 
     def _packed_spread(self) -> tuple[torch.Tensor, ...]:
         """Spread means [C, W] and inverse sds [C, W] of all spatial layers side by side, and the [W, S]

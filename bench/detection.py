@@ -59,6 +59,7 @@ from bench.peers import Mahalanobis, ScaleUp, Strip  # noqa: E402
 from layerguard.core.capture import LayerCapture  # noqa: E402
 from layerguard.core.detector import DEFAULT_FOLDS  # noqa: E402
 from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
+from layerguard.core.rules.mahalanobis_spread import SPREAD_SUFFIX  # noqa: E402
 from layerguard.core.thresholds import BenignScores, ThresholdPolicy, references_for_confidence  # noqa: E402
 from layerguard.tooling.calibration import CalibrationConfig, calibrate  # noqa: E402
 from layerguard.tooling.evaluation import auroc  # noqa: E402
@@ -378,16 +379,18 @@ def rule_result(cfg: RuleConfig, det: Any, ref: dict[str, Any], ben: dict[str, A
 
 
 def layer_diagnostic(det_cos: Any, det_maha: Any, ben: dict[str, Any], att: dict[str, Any], success: np.ndarray,
-                     target: int, cos_key: str, maha_key: str) -> dict[str, Any]:
+                     target: int, cos_key: str, maha_key: str, det_spread: Any = None, spread_key: str = ""
+                     ) -> dict[str, Any]:
     """Which monitored layer separates successful attacks from benign images: per layer, AUROC of the cosine
-    similarity to the target's centroid (benign = scored images predicted as the target) and of the
-    Mahalanobis distance to the predicted class's mean (benign = all scored images)."""
+    similarity to the target's centroid (benign = scored images predicted as the target), of the
+    Mahalanobis distance to the predicted class's mean and, with `det_spread`, of the spread term (RMS z of the
+    channels' spatial standard deviations against the predicted class; benign = all scored images)."""
     ben_t = ben["pred"] == target
     sims_b, sims_a = ben[cos_key]["sims"][ben_t], att[cos_key]["sims"][success]
     terms_b, terms_a = ben[maha_key]["terms"], att[maha_key]["terms"][success]
     loi = int(det_cos.loi[target])
     layers = list(det_cos.layer_names)
-    return {
+    out = {
         "layers": layers,
         "cosine": [auroc(sims_b[:, k], sims_a[:, k]) for k in range(len(layers))],
         "cosine_benign_n": int(ben_t.sum()),
@@ -395,6 +398,13 @@ def layer_diagnostic(det_cos: Any, det_maha: Any, ben: dict[str, Any], att: dict
         "mahalanobis_layers": list(det_maha.rule.term_names),
         "window_target": layers[max(0, loi - 2): loi + 1],
     }
+    if det_spread is not None:
+        names = list(det_spread.rule.term_names)
+        columns = [k for k, n in enumerate(names) if n.endswith(SPREAD_SUFFIX)]
+        spread_b, spread_a = ben[spread_key]["terms"], att[spread_key]["terms"][success]
+        out["spread"] = [auroc(-spread_b[:, k], -spread_a[:, k]) for k in columns]
+        out["spread_layers"] = [names[k][: -len(SPREAD_SUFFIX)] for k in columns]
+    return out
 
 
 def evaluate_model(name: str, ds: Dataset, model: torch.nn.Module, data: dict[str, np.ndarray],
@@ -461,8 +471,10 @@ def evaluate_model(name: str, ds: Dataset, model: torch.nn.Module, data: dict[st
         result["rules"][cfg.key] = rule_result(cfg, detectors[cfg.key], ref, ben, att, success, cal_seconds[cfg.key],
                                                plans[cfg.key].layers)
     if att is not None and success.any():
+        spread = "mahalanobis-spread" if "mahalanobis-spread" in detectors else ""
         result["layer_diagnostic"] = layer_diagnostic(detectors["cosine-loi"], detectors["mahalanobis"], ben, att,
-                                                      success, target, "cosine-loi", "mahalanobis")
+                                                      success, target, "cosine-loi", "mahalanobis",
+                                                      detectors.get(spread), spread)
     line = ", ".join(f"{k} {_fmt(r.get('auroc'))}/{_fmt(r['target_fpr']['0.01']['tpr'])}/"
                      f"{_fmt(r['target_fpr']['0.01']['fpr'])}" for k, r in result["rules"].items())
     log(f"[{ds.key}/{name}] AUROC/TPR@1%/FPR@1%: {line}")

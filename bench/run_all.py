@@ -543,8 +543,10 @@ def dataset_section(key: str, det: dict[str, Any], best: str | None, labels: dic
         lines += [f"#### Which monitored layer separates the attacks ({name}, diagnostic)", "",
                   "Per layer, AUROC of successful attacks against benign images of one term alone: the cosine "
                   "similarity to the target class's centroid (benign: scored images predicted as the target; **bold** "
-                  "= the paper's window LOI-2..LOI for the target class) and the Mahalanobis distance to the "
-                  "predicted class's mean (benign: all scored images).", ""]
+                  "= the paper's window LOI-2..LOI for the target class), the Mahalanobis distance to the "
+                  "predicted class's mean and the spread term of `mahalanobis-spread` (RMS z-score of the channels' "
+                  "spatial standard deviations against the predicted class; layers without a spatial extent have "
+                  "none) (benign: all scored images).", ""]
         rows = []
         for a, d in diag.items():
             window = set(d.get("window_target", []))
@@ -552,6 +554,9 @@ def dataset_section(key: str, det: dict[str, Any], best: str | None, labels: dic
                          *[f"**{num(v)}**" if n in window else num(v) for n, v in zip(d["layers"], d["cosine"])]])
             by_layer = dict(zip(d["mahalanobis_layers"], d["mahalanobis"]))
             rows.append([model_label(det, a), "mahalanobis", *[num(by_layer.get(n)) for n in layers]])
+            if d.get("spread"):
+                spread = dict(zip(d["spread_layers"], d["spread"]))
+                rows.append([model_label(det, a), "spread", *[num(spread[n]) if n in spread else "-" for n in layers]])
         lines += table(["model", "term", *layers], rows)
         lines += [""]
     if images.get("roc"):

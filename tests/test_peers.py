@@ -189,7 +189,8 @@ def _fake_results(root: Path) -> None:
         }
     models["badnets"]["layer_diagnostic"] = {"layers": ["b1", "fc"], "cosine": [0.99, 0.6], "cosine_benign_n": 9,
                                              "mahalanobis": [0.9, 0.8], "mahalanobis_layers": ["b1", "fc"],
-                                             "window_target": ["b1", "fc"]}
+                                             "window_target": ["b1", "fc"], "spread": [0.95],
+                                             "spread_layers": ["b1"]}
     machine = {"cpu": "test cpu", "cores": 2, "os": "Linux", "python": "3", "torch": "2", "torch_threads": 1}
     detection = {
         "command": "x", "date": "today", "machine": machine, "seconds": 1.0, "dataset": "cifar10",
@@ -231,6 +232,7 @@ def test_render_builds_the_page_from_json_only(tmp_path: Path) -> None:
     assert "| BadNets | **mahalanobis (all)** | 0.970 | 99.5 | 1.20 |" in text  # model x rule
     assert "| BadNets | STRIP (N=20) | 21 |" in text  # peers at equal FPR
     assert "| BadNets | cosine (n benign 9) | **0.990** | **0.600** |" in text  # layer diagnostic
+    assert "| BadNets | spread | 0.950 | - |" in text  # the spread term exists for spatial layers only
     assert "| BadNets | 70.0 | 2.00 / 0.90 | 50.0 / 50.0 |" in text  # the threshold-source diagnostic (cosine)
     assert "CIFAR-10 (reference accuracy 70.0%): 2.00% FPR and 50.0% TPR shipped" in text  # ... in the conclusion
     assert "Not evaluated (no trained weights when this ran): SIG." in text

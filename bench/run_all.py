@@ -992,7 +992,34 @@ def serving_arch_lines(one: dict[str, Any]) -> list[str]:
         lines += table(["batch", "plain ms / request", "guarded ms / request", "guarded / plain"],
                        [[b, num(v["plain_cpu_ms_per_request"], 2), num(v["guarded_cpu_ms_per_request"], 2),
                          f"x{v['ratio']:.3f}"] for b, v in hp.items()])
+    wb = one.get("worker_breakdown")
+    if wb:
+        lines += worker_breakdown_lines(wb)
     return lines + [""]
+
+
+def worker_breakdown_lines(wb: dict[str, Any]) -> list[str]:
+    """Per stage of the worker's `handle`, CPU ms per batch for both archives (bench/serving_load.py)."""
+    archives = wb["archives"]
+    fullest = max(archives.values(), key=lambda a: len(a["stages"]))  # the guarded one: every stage, in order
+    labels = [(st["stage"], st["parent"]) for st in fullest["stages"]]
+    rows = []
+    for label, parent in labels:
+        cells = []
+        for a in archives.values():
+            hit = [st for st in a["stages"] if st["stage"] == label]
+            cells.append(num(hit[0]["ms_per_batch"], 2) if hit else "-")
+        rows.append([f"... of which {label}" if parent else label, *cells])
+    rows.append(["**`handle` in all (unprofiled median)**", *(num(a["handle_ms_per_batch"], 2)
+                                                             for a in archives.values())])
+    rows.append(["response bodies as JSON (TorchServe's worker, after `handle`)",
+                 *(num(a["response_json_ms_per_batch"], 3) for a in archives.values())])
+    rows.append(["response body per item (bytes)", *(str(a["response_bytes"]) for a in archives.values())])
+    return ["", f"Where the worker's time goes, batch of {wb['batch']}: CPU ms per batch by stage of `handle` "
+            f"(deterministic profile with a thread-CPU clock, {wb['repeats']} calls per archive, alternating; "
+            "each stage's share of the profiled `handle` applied to its unprofiled median, since the profiler's "
+            "own cost inflates Python-heavy stages):", "",
+            *table(["stage", *(f"{n} ms / batch" for n in archives)], rows)]
 
 
 def headline_section(dets: dict[str, dict[str, Any]], ov: dict[str, Any] | None, sl: dict[str, Any] | None

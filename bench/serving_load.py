@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import os
 import statistics
 import subprocess
@@ -141,18 +142,14 @@ def build_plain_mar(out: Path, model: torch.nn.Module, name: str, batch_size: in
     return out / f"{name}.mar"
 
 
-def handler_cpu(mars: dict[str, Path], payloads: list[bytes], batches: tuple[int, ...], repeats: int
-                ) -> dict[str, Any]:
-    """CPU time per request of each archive's handler called in this process, without HTTP or the frontend.
+def load_handlers(mars: dict[str, Path], batch_size: int) -> dict[str, tuple[Any, Any]]:
+    """{name: (handle callable, context)} for each archive, built in this process as a worker builds it.
 
     Each archive is extracted and its entry point built with a real ``ts.context.Context`` as a worker does (a
-    handler class is initialised, a ``handle`` function is called once with no data); then it is called on
-    batches of PNG requests, the archives alternating. This isolates what the worker spends per request, the
-    part layerguard adds to, from the noise of the whole server.
-    """
+    handler class is initialised, a ``handle`` function is called once with no data)."""
     from layerguard.serving.inner import model_dir_imports
     from layerguard.tooling.archive import extract_mar
-    from layerguard.tooling.worker import set_requests, worker_context
+    from layerguard.tooling.worker import worker_context
 
     handlers = {}
     scratch = Path(tempfile.mkdtemp(prefix="layerguard-handlers-"))
@@ -163,7 +160,7 @@ def handler_cpu(mars: dict[str, Path], payloads: list[bytes], batches: tuple[int
         config_name = manifest["model"].get("configFile")
         config = yaml.safe_load((model_dir / config_name).read_text()) if config_name else {}
         with model_dir_imports(model_dir):
-            context = worker_context(model_dir, manifest, config, batch_size=max(batches))
+            context = worker_context(model_dir, manifest, config, batch_size=batch_size)
             module = importlib.import_module(Path(manifest["model"]["handler"].split(":")[0]).stem)
             classes = [c for c in vars(module).values()
                        if inspect.isclass(c) and c.__module__ == module.__name__ and hasattr(c, "handle")]
@@ -177,6 +174,17 @@ def handler_cpu(mars: dict[str, Path], payloads: list[bytes], batches: tuple[int
             else:
                 raise RuntimeError(f"{mar.name}: expected one handler class or a handle function")
         handlers[name] = (call, context)
+    return handlers
+
+
+def handler_cpu(handlers: dict[str, tuple[Any, Any]], payloads: list[bytes], batches: tuple[int, ...], repeats: int
+                ) -> dict[str, Any]:
+    """CPU time per request of each archive's handler called in this process, without HTTP or the frontend:
+    called on batches of PNG requests, the archives alternating. This isolates what the worker spends per
+    request, the part layerguard adds to, from the noise of the whole server.
+    """
+    from layerguard.tooling.worker import set_requests
+
     out: dict[str, Any] = {}
     for b in batches:
         rows = [{"data": payloads[i % len(payloads)]} for i in range(b)]
@@ -195,6 +203,84 @@ def handler_cpu(mars: dict[str, Path], payloads: list[bytes], batches: tuple[int
                        "ratio": med["guarded"] / med["plain"], "repeats": repeats}
         log(f"handler in process, batch {b}: plain {1000 * med['plain'] / b:.2f} ms/request, guarded "
             f"{1000 * med['guarded'] / b:.2f} ms/request (x{med['guarded'] / med['plain']:.3f})")
+    return out
+
+
+# Stages of a worker's `handle`, found by (file name, function) in a deterministic profile: (label, file, function,
+# parent label or None). A stage's time includes its callees; a child stage is part of its parent's time.
+WORKER_STAGES = (
+    ("preprocess (PNG decode, stack)", "cifar_handler.py", "preprocess", None),
+    ("forward pass (inner inference)", "base_handler.py", "inference", None),
+    ("monitored layers' hooks", "capture.py", "hook", "forward pass (inner inference)"),
+    ("verdicts (Detector.score_reduced)", "detector.py", "score_reduced", None),
+    ("JSON-ready notes (Detection.items)", "detector.py", "items", None),
+    ("postprocess (softmax, top class)", "cifar_handler.py", "postprocess", None),
+    ("answers and X-LayerGuard headers", "handler.py", "_answer", None),
+    ("metrics (log lines)", "handler.py", "_emit_metrics", None),
+)
+
+
+def call_once(handler: tuple[Any, Any], rows: list[dict]) -> list:
+    from layerguard.tooling.worker import set_requests
+
+    call, context = handler
+    set_requests(context, len(rows))
+    return call(rows, context)
+
+
+def worker_breakdown(handlers: dict[str, tuple[Any, Any]], payloads: list[bytes], batch: int, repeats: int
+                     ) -> dict[str, Any]:
+    """Where each archive's `handle` spends its CPU time, stage by stage (`WORKER_STAGES`), per batch.
+
+    cProfile with a thread-CPU clock, one profiler per archive, calls alternating; a stage's share is its
+    cumulative profiled time over the whole `handle`'s, applied to the unprofiled median CPU time of `handle`
+    (the profiler's own per-call cost inflates Python-heavy stages, so absolute profiled times are not used)."""
+    import cProfile
+    import pstats
+
+    from layerguard.tooling.worker import set_requests
+
+    rows = [{"data": payloads[i % len(payloads)]} for i in range(batch)]
+    profiles = {n: cProfile.Profile(time.thread_time) for n in handlers}
+    plain_times: dict[str, list[float]] = {n: [] for n in handlers}
+    encode_times: dict[str, list[float]] = {n: [] for n in handlers}
+    for r in range(5 + 2 * repeats):
+        for name, (call, context) in handlers.items():
+            set_requests(context, batch)
+            profiled = r >= 5 and r % 2 == 0
+            if profiled:
+                profiles[name].enable()
+            t0 = time.thread_time()
+            results = call(rows, context)
+            elapsed = time.thread_time() - t0
+            if profiled:
+                profiles[name].disable()
+            elif r >= 5:
+                plain_times[name].append(elapsed)
+                t0 = time.thread_time()
+                for result in results:  # what TorchServe's worker does with each dict result after `handle`
+                    json.dumps(result)
+                encode_times[name].append(time.thread_time() - t0)
+    out: dict[str, Any] = {"batch": batch, "repeats": repeats, "archives": {}}
+    for name, profile in profiles.items():
+        stats = pstats.Stats(profile).stats  # {(file, line, function): (cc, nc, tt, ct, callers)}
+        handle_total = max(v[3] for (f, _, fn), v in stats.items() if fn == "handle")
+        median_ms = 1000 * statistics.median(plain_times[name])
+        stages = []
+        for label, file, function, parent in WORKER_STAGES:
+            cum = sum(v[3] for (f, _, fn), v in stats.items() if fn == function and Path(f).name == file)
+            if cum > 0:
+                stages.append({"stage": label, "parent": parent, "share": cum / handle_total,
+                               "ms_per_batch": median_ms * cum / handle_total})
+        top = sum(st["share"] for st in stages if st["parent"] is None)
+        stages.append({"stage": "other (handler bookkeeping, per-item Python)", "parent": None, "share": 1 - top,
+                       "ms_per_batch": median_ms * (1 - top)})
+        encode_ms = 1000 * statistics.median(encode_times[name])
+        out["archives"][name] = {"handle_ms_per_batch": median_ms, "stages": stages,
+                                 "response_json_ms_per_batch": encode_ms,
+                                 "response_bytes": len(json.dumps(call_once(handlers[name], rows)[0]))}
+        log(f"worker breakdown, {name}, batch {batch}: " + ", ".join(f"{st['stage']} {st['ms_per_batch']:.2f} ms"
+                                                                  for st in stages))
     return out
 
 
@@ -324,8 +410,9 @@ def run_arch(arch: str, args: argparse.Namespace, reference: ArraySource, payloa
                                                         calibration=CalibrationConfig(rule=args.rule)))
         wrap_seconds = time.time() - t0
         log(f"[{arch}] archives ready in {wrap_seconds:.0f}s: {plain.name}, {wrapped.mar_path.name}")
-        in_process = handler_cpu({"plain": plain, "guarded": wrapped.mar_path}, payloads, (1, 4, 8),
-                                 args.handler_repeats)
+        handlers = load_handlers({"plain": plain, "guarded": wrapped.mar_path}, max(8, args.batch_size))
+        in_process = handler_cpu(handlers, payloads, (1, 4, 8), args.handler_repeats)
+        breakdown = worker_breakdown(handlers, payloads, args.batch_size, args.handler_repeats)
         # TorchServe also opens gRPC on 7070/7071 unless told otherwise: another server on the machine (a test
         # run) would make this one exit at start, so give it free gRPC ports too, via its config template.
         config = root / "config.template.properties"
@@ -369,7 +456,7 @@ def run_arch(arch: str, args: argparse.Namespace, reference: ArraySource, payloa
     }
     log(f"[{arch}] guarded/plain rps {results['guarded_rps_ratio']:.3f}, p50 x{results['guarded_p50_ratio']:.3f}, "
         f"p99 x{results['guarded_p99_ratio']:.3f}")
-    return {"setup": setup, "results": results, "handler_in_process": in_process}
+    return {"setup": setup, "results": results, "handler_in_process": in_process, "worker_breakdown": breakdown}
 
 
 def load_rounds(server: TorchServe, args: argparse.Namespace, payloads: list[bytes], arch: str

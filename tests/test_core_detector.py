@@ -254,8 +254,8 @@ def test_references_are_scored_as_serving_scores_them_for_global_thresholds():
 @pytest.mark.parametrize("name", ["mahalanobis", "mahalanobis-diag"])
 def test_mahalanobis_packed_layers_match_layer_by_layer(monkeypatch, name):
     """Serving scores all layers as one block-diagonal matrix when they are narrow (for mahalanobis-diag, both
-    views from one difference and one layer-sum matmul); wide ones go layer group by layer group. Both must
-    give the same terms (layers of different widths, classes in any order)."""
+    views from one difference and one layer-sum matmul); wide ones one matmul per layer on its slice of the
+    difference. Both must give the same terms (layers of different widths, classes in any order)."""
     from layerguard.core.rules import mahalanobis
 
     gen = torch.Generator().manual_seed(3)
@@ -275,6 +275,11 @@ def test_mahalanobis_packed_layers_match_layer_by_layer(monkeypatch, name):
     by_layer = layered.terms(query, classes, None)
     assert packed.shape == (7, len(rule.term_names))
     assert torch.allclose(packed, by_layer, rtol=1e-5, atol=1e-5)
+    # and both are the definition: per layer, sqrt((x - mu_k)^T P (x - mu_k)) with k the given class
+    for j, n in enumerate(widths):
+        diff = query[n] - rule.means[n][classes]
+        expected = ((diff @ rule.precisions[n]) * diff).sum(dim=1).sqrt()
+        assert torch.allclose(by_layer[:, j], expected, rtol=1e-5, atol=1e-5), n
 
 
 def test_mahalanobis_diag_combination_is_the_sum_of_standardised_views():
@@ -415,6 +420,13 @@ def test_mahalanobis_spread_terms_match_numpy():
     diag.fit(stats, ["0", "1"])
     assert torch.allclose(terms[:, :4], diag.terms({n: diag.reduce(n, t) for n, t in query.items()}, cls, None),
                           rtol=1e-5, atol=1e-5)
+    # a vector layer before the feature map: the spread features are no longer a prefix of the pooled ones
+    swapped = create_rule("mahalanobis-spread", ("v", "m"), 2)
+    swapped_stats = swapped.new_statistics(feats)
+    swapped.update(swapped_stats, feats, y)
+    swapped.fit(swapped_stats, ["0", "1"])
+    swapped_terms = swapped.terms({n: swapped.reduce(n, t) for n, t in query.items()}, cls, None)
+    assert np.allclose(swapped_terms[:, 4].numpy(), expected, rtol=1e-4)
 
 
 def test_mahalanobis_spread_combination_is_the_sum_of_three_standardised_views():
@@ -467,3 +479,27 @@ def test_mahalanobis_spread_sees_a_texture_change_the_pooled_views_miss():
     with pytest.raises(ValueError, match="layer m: expected the moments of a feature map of 3 channels, got 4"):
         again.rule.terms({"m": (torch.ones(2, 4), torch.ones(2, 4), 16), "v": torch.ones(2, 2)}, torch.tensor([0, 1]),
                          None)
+
+
+def test_mahalanobis_nearest_reference_is_the_smallest_class_distance():
+    """`reference: nearest` (Lee et al.'s form) scores each layer against the closest class mean, whatever the
+    predicted class; `mahalanobis-diag` keeps its second view against the predicted class."""
+    gen = torch.Generator().manual_seed(5)
+    widths = {"a": 3, "b": 5, "c": 3}
+    feats = {n: torch.randn(60, w, generator=gen) + 3.0 * (torch.arange(60) % 3)[:, None] for n, w in widths.items()}
+    labels = torch.arange(60) % 3
+    query = {n: torch.randn(6, w, generator=gen) * 2.0 for n, w in widths.items()}
+    classes = torch.tensor([0, 1, 2, 2, 1, 0])
+    for name in ("mahalanobis", "mahalanobis-diag"):
+        rule = create_rule(name, tuple(widths), 3, {"reference": "nearest"})
+        stats = rule.new_statistics(feats)
+        rule.update(stats, feats, labels)
+        rule.fit(stats, ["0", "1", "2"])
+        terms = rule.terms({n: rule.reduce(n, q) for n, q in query.items()}, classes, None)
+        for j, n in enumerate(widths):
+            diff = query[n][:, None, :] - rule.means[n][None]  # [B, C, D]
+            every = torch.einsum("bcd,de,bce->bc", diff, rule.precisions[n], diff)
+            assert torch.allclose(terms[:, j], every.min(dim=1).values.sqrt(), rtol=1e-4, atol=1e-4), (name, n)
+        if name == "mahalanobis-diag":
+            z = (query["b"] - rule.means["b"][classes]) * rule.inv_sd["b"][classes]
+            assert torch.allclose(terms[:, len(widths) + 1], z.square().mean(dim=1).sqrt(), rtol=1e-4, atol=1e-4)

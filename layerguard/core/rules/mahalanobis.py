@@ -16,6 +16,7 @@ sums and one scatter matrix per layer, mergeable across shards and folds.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,11 +25,31 @@ from ..similarity import pool
 from ..stats import ClassScatter
 from .base import FitError, LayerStatistics, ScoringRule
 
-__all__ = ["PACKED_MAX_WIDTH", "MahalanobisRule", "oas_shrinkage"]
+__all__ = ["PACKED_MAX_WIDTH", "MahalanobisRule", "PackedLayers", "oas_shrinkage"]
 
-# Up to this total pooled width (all monitored layers), the layers are scored as one block-diagonal matrix
-# (4 MiB at most); wider ones (e.g. ResNet-50's stages) layer group by layer group.
+# Up to this total pooled width (all monitored layers), the precision is applied as one block-diagonal matrix
+# (4 MiB at most, one matmul); wider ones (ResNet-18's 1674, ResNet-50's stages) one matmul per layer on its
+# slice of the difference, which reads each precision once instead of a mostly-zero dense matrix.
 PACKED_MAX_WIDTH = 1024
+
+
+@dataclass
+class PackedLayers:
+    """The monitored layers' pooled features side by side (width W = sum of the K layers' widths): class means
+    [C, W], the [W, K] layer indicator that sums each layer's block in one matmul, and the precision as one
+    block-diagonal [W, W] matrix (`dense`, narrow layer sets) or per layer ((start, stop, [D, D]) slices).
+    At serving batch sizes the op count, not the arithmetic, is what scoring costs (bench/guard_profile.py)."""
+
+    means: torch.Tensor
+    blocks: torch.Tensor
+    dense: torch.Tensor | None
+    layers: list[tuple[int, int, torch.Tensor]]
+
+    def precision_times(self, diff: torch.Tensor) -> torch.Tensor:
+        """[B, W] -> [B, W]: diff @ block_diag(P_1, ..., P_K)."""
+        if self.dense is not None:
+            return diff @ self.dense
+        return torch.cat([diff[:, a:b] @ p for a, b, p in self.layers], dim=1)
 
 
 def oas_shrinkage(cov: torch.Tensor, n: float) -> float:
@@ -60,7 +81,7 @@ class MahalanobisRule(ScoringRule):
         self.precisions: dict[str, torch.Tensor] = {}
         self._term_set = frozenset(self.term_layers)
         self._groups: list | None = None
-        self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._packed: PackedLayers | None = None
         self.term_mean = np.zeros(len(self.term_layers))
         self.term_std = np.ones(len(self.term_layers))
         self._standardise = (torch.tensor(0.0), -torch.ones(len(self.term_layers)))
@@ -104,8 +125,8 @@ class MahalanobisRule(ScoringRule):
         return pooled if pooled.dtype == torch.float32 else pooled.float()
 
     def _layer_groups(self) -> list[tuple[list[int], list[str], torch.Tensor, torch.Tensor]]:
-        """Layers of equal width, stacked: one batched matmul per width instead of a few ops per layer (at
-        serving batch sizes the per-op dispatch, not the arithmetic, is what scoring costs)."""
+        """Layers of equal width, stacked (for the nearest-class reference): one batched matmul per width instead
+        of a few ops per layer (at serving batch sizes the per-op dispatch, not the arithmetic, is the cost)."""
         if self._groups is None:
             by_width: dict[int, list[int]] = {}
             for i, name in enumerate(self.term_layers):
@@ -117,40 +138,38 @@ class MahalanobisRule(ScoringRule):
                                      torch.stack([self.precisions[n] for n in names])))
         return self._groups
 
-    def _packed_layers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """All layers as one: class means side by side [C, W] and the block-diagonal precision [W, W], for
-        a handful of ops per batch whatever the layer count (at serving batch sizes per-op dispatch, not
-        arithmetic, is the cost). None when the monitored layers are too wide for a dense [W, W] matrix."""
+    def _packed_layers(self) -> PackedLayers:
+        """All layers side by side, built once per fit and device (see `PackedLayers`)."""
         if self._packed is None:
             widths = [int(self.means[n].shape[1]) for n in self.term_layers]
-            if sum(widths) > PACKED_MAX_WIDTH:
-                return None
             device = self.means[self.term_layers[0]].device
             # [W, K] with a 1 where pooled feature w belongs to layer k: sums each layer's block in one matmul
             layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
             blocks = torch.nn.functional.one_hot(layer_of, len(widths)).to(device, torch.float32)
-            self._packed = (torch.cat([self.means[n] for n in self.term_layers], dim=1),
-                            torch.block_diag(*[self.precisions[n] for n in self.term_layers]), blocks)
+            precisions = [self.precisions[n] for n in self.term_layers]
+            dense = torch.block_diag(*precisions) if sum(widths) <= PACKED_MAX_WIDTH else None
+            starts = np.cumsum([0, *widths])
+            self._packed = PackedLayers(torch.cat([self.means[n] for n in self.term_layers], dim=1), blocks, dense,
+                                        [(int(a), int(b), p) for a, b, p in zip(starts[:-1], starts[1:], precisions)])
         return self._packed
 
     def terms(self, reduced, classes, similarities) -> torch.Tensor:
-        packed = self._packed_layers() if self.options["reference"] == "predicted" else None
-        if packed is not None:
-            means, precision, blocks = packed
-            diff = torch.cat([reduced[n] for n in self.term_layers], dim=1) - means[classes.to(means.device)]
-            return (((diff @ precision) * diff) @ blocks).clamp_min_(0.0).sqrt_()
+        if self.options["reference"] == "nearest":
+            return self._nearest_terms(reduced)
+        packed = self._packed_layers()
+        diff = torch.cat([reduced[n] for n in self.term_layers], dim=1) - packed.means[classes.to(packed.means.device)]
+        return ((packed.precision_times(diff) * diff) @ packed.blocks).clamp_min_(0.0).sqrt_()
+
+    def _nearest_terms(self, reduced) -> torch.Tensor:
+        """Distance to the nearest class mean per layer: every class's distance, one batched product per width."""
         batch = next(reduced[n] for n in self.term_layers).shape[0]
         d2 = None
         for idx, names, mu, prec in self._layer_groups():
             feats = torch.stack([reduced[n] for n in names])  # [G, B, D]
-            if self.options["reference"] == "predicted":
-                diff = feats - mu[:, classes.to(mu.device)]
-                part = (torch.bmm(diff, prec) * diff).sum(dim=2)  # [G, B]
-            else:
-                fp = torch.bmm(feats, prec)
-                every = ((fp * feats).sum(2)[:, :, None] - 2.0 * torch.bmm(fp, mu.transpose(1, 2))
-                         + ((torch.bmm(mu, prec) * mu).sum(2))[:, None, :])  # [G, B, C]
-                part = every.min(dim=2).values
+            fp = torch.bmm(feats, prec)
+            every = ((fp * feats).sum(2)[:, :, None] - 2.0 * torch.bmm(fp, mu.transpose(1, 2))
+                     + ((torch.bmm(mu, prec) * mu).sum(2))[:, None, :])  # [G, B, C]
+            part = every.min(dim=2).values
             if d2 is None:
                 d2 = part.new_empty((len(self.term_layers), batch))
             d2[idx] = part

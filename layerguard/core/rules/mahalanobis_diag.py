@@ -55,8 +55,7 @@ class MahalanobisDiagRule(MahalanobisRule):
         self.diag_mean = np.zeros(len(self.term_layers))
         self.diag_std = np.ones(len(self.term_layers))
         self.view_stats = np.array([0.0, 1.0, 0.0, 1.0])  # mean, std of S_maha; mean, std of S_diag
-        self._diag_packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._both_sums: torch.Tensor | None = None
+        self._diag_packed: tuple[torch.Tensor, torch.Tensor] | None = None
         self._view_t: tuple[torch.Tensor, ...] = ()
         self._fused_combine: tuple[torch.Tensor, ...] | None = None
         self._set_views()
@@ -70,7 +69,7 @@ class MahalanobisDiagRule(MahalanobisRule):
         super().fit(stats, class_names)
         for name in self.term_layers:
             self.inv_sd[name] = diagonal_inverse_sd(stats[name])
-        self._diag_packed = self._both_sums = None
+        self._diag_packed = None
 
     def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:
         k = len(self.term_layers)
@@ -95,40 +94,47 @@ class MahalanobisDiagRule(MahalanobisRule):
         self._fused_combine = None
 
     # ---- score ----
-    def _diag_layers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Class means [C, W] and inverse sds [C, W] of all layers side by side, the [W, K] layer indicator
-        and each layer's width [K]: the diagonal terms of every layer in a few ops."""
+    def _class_columns(self) -> list[torch.Tensor]:
+        """[C, *] per-class constants that scoring gathers for each item's class, all in one index op: the pooled
+        features' means of every layer side by side [C, W], then their inverse sds [C, W] (subclasses append)."""
+        return [self._packed_layers().means, *(self.inv_sd[n] for n in self.term_layers)]
+
+    def _diag_layers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the class columns side by side; [2W, 2K] the matrix that turns [quadratic form | squared z] per pooled
+        feature into both views' terms per layer: the Mahalanobis sum, and the mean of squared z, i.e. the layer
+        indicator over its width)."""
         if self._diag_packed is None:
-            widths = [int(self.means[n].shape[1]) for n in self.term_layers]
-            device = self.means[self.term_layers[0]].device
-            layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
-            blocks = torch.nn.functional.one_hot(layer_of, len(widths)).to(device, torch.float32)
-            self._diag_packed = (torch.cat([self.means[n] for n in self.term_layers], dim=1),
-                                 torch.cat([self.inv_sd[n] for n in self.term_layers], dim=1), blocks,
-                                 torch.tensor(widths, dtype=torch.float32, device=device))
+            blocks = self._packed_layers().blocks
+            self._diag_packed = (torch.cat(self._class_columns(), dim=1),
+                                 torch.block_diag(blocks, blocks / blocks.sum(dim=0)))
         return self._diag_packed
 
-    def _both_layer_sums(self) -> torch.Tensor:
-        """[2W, 2K]: one matmul turns [quadratic form | squared z] per pooled feature into both views' terms
-        per layer (the Mahalanobis sum, and the mean of squared z: the layer indicator over its width)."""
-        if self._both_sums is None:
-            _, _, blocks, widths = self._diag_layers()
-            self._both_sums = torch.block_diag(blocks, blocks / widths)
-        return self._both_sums
+    def _gather(self, reduced, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, W] the monitored layers' pooled features side by side, [B, *] each item's class columns)."""
+        class_rows, _ = self._diag_layers()
+        return (torch.cat([reduced[n] for n in self.term_layers], dim=1),
+                class_rows[classes.to(class_rows.device)])
 
     def terms(self, reduced, classes, similarities) -> torch.Tensor:
-        packed = self._packed_layers() if self.options["reference"] == "predicted" else None
-        means, inv_sd, blocks, widths = self._diag_layers()
-        cls = classes.to(means.device)
-        diff = torch.cat([reduced[n] for n in self.term_layers], dim=1) - means[cls]
-        z = diff * inv_sd[cls]
-        if packed is None:  # layers too wide for one dense precision, or the nearest-class reference
+        features, rows = self._gather(reduced, classes)
+        return self._both_views(features, rows, reduced, classes, similarities)
+
+    def _both_views(self, features: torch.Tensor, rows: torch.Tensor, reduced, classes, similarities
+                    ) -> torch.Tensor:
+        """[B, 2K]: the Mahalanobis distance and the RMS z-score per layer, from `_gather`'s output."""
+        packed = self._packed_layers()
+        width = packed.means.shape[1]
+        diff = features - rows[:, :width]
+        z = diff * rows[:, width:2 * width]
+        _, both_sums = self._diag_layers()
+        if self.options["reference"] == "nearest":
             maha = super().terms(reduced, classes, similarities)
-            return torch.cat([maha, ((z * z) @ blocks / widths).sqrt_()], dim=1)
+            k = len(self.term_layers)
+            return torch.cat([maha, ((z * z) @ both_sums[width:, k:]).sqrt_()], dim=1)
         # Both views from one difference and one layer-sum matmul: at serving batch sizes the op count, not
         # the arithmetic, is what scoring costs (bench/guard_profile.py)
-        quad = torch.cat([(diff @ packed[1]) * diff, z * z], dim=1)
-        return (quad @ self._both_layer_sums()).clamp_min_(0.0).sqrt_()
+        quad = torch.cat([packed.precision_times(diff) * diff, z * z], dim=1)
+        return (quad @ both_sums).clamp_min_(0.0).sqrt_()
 
     def _diag_score(self, diag_terms: torch.Tensor) -> torch.Tensor:
         mean, inv_std, _ = (t.to(diag_terms.device, diag_terms.dtype) for t in self._view_t)
@@ -168,12 +174,12 @@ class MahalanobisDiagRule(MahalanobisRule):
         self.view_stats = np.asarray(arrays["view_stats"], dtype=np.float64)
         self.inv_sd = {n: torch.from_numpy(np.asarray(arrays[f"inv_sd/{n}"], dtype=np.float32))
                        for n in self.term_layers}
-        self._diag_packed = self._both_sums = None
+        self._diag_packed = None
         self._set_views()
 
     def to(self, device):
         super().to(device)
         self.inv_sd = {n: t.to(device) for n, t in self.inv_sd.items()}
         self._view_t = tuple(t.to(device) for t in self._view_t)
-        self._diag_packed = self._both_sums = self._fused_combine = None
+        self._diag_packed = self._fused_combine = None
         return self

@@ -81,7 +81,7 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
         self.spread_term_mean = np.zeros(0)
         self.spread_term_std = np.ones(0)
         self.spread_view = np.array([0.0, 1.0])  # mean, std of S_spread
-        self._spread_packed: tuple[torch.Tensor, ...] | None = None
+        self._spread_packed: torch.Tensor | None = None
         self._spread_combine: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
         self._inv_positions: tuple[tuple[int, ...], torch.Tensor] | None = None
 
@@ -91,7 +91,7 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
 
     def _set_spread_layers(self, names: tuple[str, ...]) -> None:
         self.spread_layers = tuple(n for n in self.term_layers if n in names)
-        self._spread_packed = self._spread_combine = self._inv_positions = None
+        self._spread_packed = self._spread_combine = self._inv_positions = self._diag_packed = None
 
     # ---- fit ----
     def new_statistics(self, features: dict[str, torch.Tensor]) -> LayerStatistics:
@@ -147,17 +147,24 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
             return None
         return torch.linalg.vector_norm(reduced[1], dim=1)
 
-    def _packed_spread(self) -> tuple[torch.Tensor, ...]:
-        """Spread means [C, W] and inverse sds [C, W] of all spatial layers side by side, and the [W, S]
-        indicator divided by each layer's width: every layer's RMS z in three ops."""
+    def _class_columns(self) -> list[torch.Tensor]:
+        """The pooled views' class columns, then the spread means [C, S] and inverse sds [C, S] of all spatial
+        layers side by side: one gather per batch for all three views."""
+        columns = super()._class_columns()
+        if self.spread_layers:
+            columns += [torch.cat([self.spread_means[n] for n in self.spread_layers], dim=1),
+                        torch.cat([self.spread_inv_sd[n] for n in self.spread_layers], dim=1)]
+        return columns
+
+    def _spread_layer_mean(self) -> torch.Tensor:
+        """[S, L] the indicator of each spread feature's layer divided by that layer's width: every layer's mean
+        squared z in one matmul."""
         if self._spread_packed is None:
             widths = [int(self.spread_means[n].shape[1]) for n in self.spread_layers]
             device = self.spread_means[self.spread_layers[0]].device
             layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
             blocks = torch.nn.functional.one_hot(layer_of, len(widths)).to(device, torch.float32)
-            self._spread_packed = (torch.cat([self.spread_means[n] for n in self.spread_layers], dim=1),
-                                   torch.cat([self.spread_inv_sd[n] for n in self.spread_layers], dim=1),
-                                   blocks / torch.tensor(widths, dtype=torch.float32, device=device))
+            self._spread_packed = blocks / torch.tensor(widths, dtype=torch.float32, device=device)
         return self._spread_packed
 
     def terms(self, reduced, classes, similarities) -> torch.Tensor:
@@ -175,13 +182,18 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
             pooled[name], norm, count = moments
             norms.append(norm)
             positions.append(count)
-        base = super().terms(pooled, classes, similarities)
-        means, inv_sd, layer_sum = self._packed_spread()
-        spread = spread_from_moments(torch.cat([pooled[n] for n in self.spread_layers], dim=1), torch.cat(norms, 1),
-                                     self._inverse_positions(tuple(positions), means.device))
-        cls = classes.to(means.device)
-        z = (spread - means[cls]) * inv_sd[cls]
-        return torch.cat([base, ((z * z) @ layer_sum).sqrt_()], dim=1)
+        features, rows = self._gather(pooled, classes)
+        base = self._both_views(features, rows, pooled, classes, similarities)
+        layer_mean = self._spread_layer_mean()
+        spread_width = layer_mean.shape[0]
+        # the spatial layers usually come first among the monitored ones: their channel means are then a slice
+        means = features[:, :spread_width] if self.spread_layers == self.term_layers[:len(self.spread_layers)] \
+            else torch.cat([pooled[n] for n in self.spread_layers], dim=1)
+        spread = spread_from_moments(means, torch.cat(norms, dim=1),
+                                     self._inverse_positions(tuple(positions), layer_mean.device))
+        spread_rows = rows[:, 2 * features.shape[1]:]
+        z = (spread - spread_rows[:, :spread_width]) * spread_rows[:, spread_width:]
+        return torch.cat([base, ((z * z) @ layer_mean).sqrt_()], dim=1)
 
     def _inverse_positions(self, positions: tuple[int, ...], device) -> torch.Tensor:
         """[W] 1 / positions of each spread feature's layer, cached per feature-map size."""

@@ -989,9 +989,17 @@ def serving_arch_lines(one: dict[str, Any]) -> list[str]:
     if hp:
         lines += ["", "The worker's share alone: each archive's handler called in one process (real "
                   "`ts.context.Context`, no HTTP), alternating, median CPU time per request:", ""]
-        lines += table(["batch", "plain ms / request", "guarded ms / request", "guarded / plain"],
+        compact = all("compact_cpu_ms_per_request" in v for v in hp.values())
+        lines += table(["batch", "plain ms / request", "guarded ms / request", "guarded / plain",
+                        *(["compact ms / request", "compact / plain"] if compact else [])],
                        [[b, num(v["plain_cpu_ms_per_request"], 2), num(v["guarded_cpu_ms_per_request"], 2),
-                         f"x{v['ratio']:.3f}"] for b, v in hp.items()])
+                         f"x{v['ratio']:.3f}",
+                         *([num(v["compact_cpu_ms_per_request"], 2), f"x{v['compact_ratio']:.3f}"] if compact else [])]
+                        for b, v in hp.items()])
+        if compact:
+            lines += ["", "compact: the same guarded archive with `response: compact` in its model-config.yaml "
+                      "(verdict, score, threshold and layer of interest; no per-layer similarities or terms, so "
+                      "the hooks skip the cosine profile)."]
     wb = one.get("worker_breakdown")
     if wb:
         lines += worker_breakdown_lines(wb)

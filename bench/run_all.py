@@ -1018,15 +1018,15 @@ def worker_breakdown_lines(wb: dict[str, Any]) -> list[str]:
             hit = [st for st in a["stages"] if st["stage"] == label]
             cells.append(num(hit[0]["ms_per_batch"], 2) if hit else "-")
         rows.append([f"... of which {label}" if parent else label, *cells])
-    rows.append(["**`handle` in all (unprofiled median)**", *(num(a["handle_ms_per_batch"], 2)
+    rows.append(["**`handle` in all**", *(num(a["handle_ms_per_batch"], 2)
                                                              for a in archives.values())])
     rows.append(["response bodies as JSON (TorchServe's worker, after `handle`)",
                  *(num(a["response_json_ms_per_batch"], 3) for a in archives.values())])
     rows.append(["response body per item (bytes)", *(str(a["response_bytes"]) for a in archives.values())])
-    return ["", f"Where the worker's time goes, batch of {wb['batch']}: CPU ms per batch by stage of `handle` "
-            f"(deterministic profile with a thread-CPU clock, {wb['repeats']} calls per archive, alternating; "
-            "each stage's share of the profiled `handle` applied to its unprofiled median, since the profiler's "
-            "own cost inflates Python-heavy stages):", "",
+    return ["", f"Where the worker's time goes, batch of {wb['batch']}: CPU ms per batch by stage of `handle`, "
+            f"median of {wb['repeats']} calls per archive, alternating (each stage's callable wrapped in a "
+            "thread-CPU clock for this measurement; other = what `handle` spent outside every top-level stage):",
+            "",
             *table(["stage", *(f"{n} ms / batch" for n in archives)], rows)]
 
 

@@ -50,6 +50,7 @@ from bench.benchutil import (  # noqa: E402
 )
 from bench.data import default_data_path, load_cifar  # noqa: E402
 from bench.overhead import load_bench_model, stratified  # noqa: E402
+from layerguard.core.detector import Detection  # noqa: E402
 from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
 from layerguard.tooling.calibration import CalibrationConfig  # noqa: E402
 from layerguard.tooling.data import ArraySource, encode_png  # noqa: E402
@@ -211,18 +212,46 @@ def handler_cpu(handlers: dict[str, tuple[Any, Any]], payloads: list[bytes], bat
     return out
 
 
-# Stages of a worker's `handle`, found by (file name, function) in a deterministic profile: (label, file, function,
-# parent label or None). A stage's time includes its callees; a child stage is part of its parent's time.
-WORKER_STAGES = (
-    ("preprocess (PNG decode, stack)", "cifar_handler.py", "preprocess", None),
-    ("forward pass (inner inference)", "base_handler.py", "inference", None),
-    ("monitored layers' hooks", "capture.py", "hook", "forward pass (inner inference)"),
-    ("verdicts (Detector.score_reduced)", "detector.py", "score_reduced", None),
-    ("JSON-ready notes (Detection.items)", "detector.py", "items", None),
-    ("postprocess (softmax, top class)", "cifar_handler.py", "postprocess", None),
-    ("answers and X-LayerGuard headers", "handler.py", "_answer", None),
-    ("metrics (log lines)", "handler.py", "_emit_metrics", None),
-)
+FORWARD = "forward pass (inner inference)"
+
+
+def stage_targets(handler: tuple[Any, Any]) -> list[tuple[str, Any, str, str | None]]:
+    """(label, object, attribute, parent label) of each stage of this archive's `handle` worth timing: the
+    inner handler's lifecycle and, for a guarded archive, each piece layerguard adds. A child stage runs inside
+    its parent (the hooks inside the forward pass), so its time is part of the parent's."""
+    from layerguard.serving.entry import guard_for
+
+    call, context = handler
+    owner = getattr(call, "__self__", None)
+    if owner is not None:  # the plain archive: a BaseHandler subclass
+        return [("preprocess (PNG decode, stack)", owner, "preprocess", None), (FORWARD, owner, "inference", None),
+                ("postprocess (softmax, top class)", owner, "postprocess", None)]
+    guard = guard_for(str(context.system_properties["model_dir"]))
+    return [("preprocess (PNG decode, stack)", guard.inner, "preprocess", None),
+            (FORWARD, guard.inner, "inference", None),
+            ("monitored layers' hooks", guard.capture, "_reducer", FORWARD),
+            ("verdicts (Detector.score_reduced)", guard.detector, "score_reduced", None),
+            ("JSON-ready notes (Detection.items)", Detection, "items", None),
+            ("postprocess (softmax, top class)", guard.inner, "postprocess", None),
+            ("answers and X-LayerGuard headers", guard, "_answer", None),
+            ("metrics (log lines)", guard, "_emit_metrics", None)]
+
+
+class StageClock:
+    """Thread-CPU time spent inside wrapped callables, per stage, for the current call of `handle`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, label: str, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.thread_time() - t0
+
+        return timed
 
 
 def call_once(handler: tuple[Any, Any], rows: list[dict]) -> list:
@@ -235,57 +264,62 @@ def call_once(handler: tuple[Any, Any], rows: list[dict]) -> list:
 
 def worker_breakdown(handlers: dict[str, tuple[Any, Any]], payloads: list[bytes], batch: int, repeats: int
                      ) -> dict[str, Any]:
-    """Where each archive's `handle` spends its CPU time, stage by stage (`WORKER_STAGES`), per batch.
-
-    cProfile with a thread-CPU clock, one profiler per archive, calls alternating; a stage's share is its
-    cumulative profiled time over the whole `handle`'s, applied to the unprofiled median CPU time of `handle`
-    (the profiler's own per-call cost inflates Python-heavy stages, so absolute profiled times are not used)."""
-    import cProfile
-    import pstats
-
-    from layerguard.tooling.worker import set_requests
-
+    """Where each archive's `handle` spends its CPU time, stage by stage, per batch: each stage's callable is
+    wrapped (for the measurement only) in a thread-CPU clock, the archives alternate, and each stage reports its
+    median over the calls; "other" is the median of what `handle` spent outside every top-level stage. Then the
+    response bodies are encoded as TorchServe's worker encodes them after `handle` (json.dumps per item)."""
     rows = [{"data": payloads[i % len(payloads)]} for i in range(batch)]
-    profiles = {n: cProfile.Profile(time.thread_time) for n in handlers}
-    plain_times: dict[str, list[float]] = {n: [] for n in handlers}
-    encode_times: dict[str, list[float]] = {n: [] for n in handlers}
-    for r in range(5 + 2 * repeats):
-        for name, (call, context) in handlers.items():
-            set_requests(context, batch)
-            profiled = r >= 5 and r % 2 == 0
-            if profiled:
-                profiles[name].enable()
-            t0 = time.thread_time()
-            results = call(rows, context)
-            elapsed = time.thread_time() - t0
-            if profiled:
-                profiles[name].disable()
-            elif r >= 5:
-                plain_times[name].append(elapsed)
-                t0 = time.thread_time()
-                for result in results:  # what TorchServe's worker does with each dict result after `handle`
-                    json.dumps(result)
-                encode_times[name].append(time.thread_time() - t0)
     out: dict[str, Any] = {"batch": batch, "repeats": repeats, "archives": {}}
-    for name, profile in profiles.items():
-        stats = pstats.Stats(profile).stats  # {(file, line, function): (cc, nc, tt, ct, callers)}
-        handle_total = max(v[3] for (f, _, fn), v in stats.items() if fn == "handle")
-        median_ms = 1000 * statistics.median(plain_times[name])
-        stages = []
-        for label, file, function, parent in WORKER_STAGES:
-            cum = sum(v[3] for (f, _, fn), v in stats.items() if fn == function and Path(f).name == file)
-            if cum > 0:
-                stages.append({"stage": label, "parent": parent, "share": cum / handle_total,
-                               "ms_per_batch": median_ms * cum / handle_total})
-        top = sum(st["share"] for st in stages if st["parent"] is None)
-        stages.append({"stage": "other (handler bookkeeping, per-item Python)", "parent": None, "share": 1 - top,
-                       "ms_per_batch": median_ms * (1 - top)})
-        encode_ms = 1000 * statistics.median(encode_times[name])
-        out["archives"][name] = {"handle_ms_per_batch": median_ms, "stages": stages,
-                                 "response_json_ms_per_batch": encode_ms,
-                                 "response_bytes": len(json.dumps(call_once(handlers[name], rows)[0]))}
-        log(f"worker breakdown, {name}, batch {batch}: " + ", ".join(f"{st['stage']} {st['ms_per_batch']:.2f} ms"
-                                                                  for st in stages))
+    clocks = {n: StageClock() for n in handlers}
+    patches: list[tuple[Any, str, Any, bool]] = []  # (object, attribute, original, was set on the object itself)
+    stages = {n: stage_targets(h) for n, h in handlers.items()}
+    per_call: dict[str, list[dict[str, float]]] = {n: [] for n in handlers}
+    encode: dict[str, list[float]] = {n: [] for n in handlers}
+    try:
+        for r in range(5 + repeats):
+            for name, handler in handlers.items():
+                clock = clocks[name]
+                for label, obj, attr, _ in stages[name]:
+                    patches.append((obj, attr, getattr(obj, attr), attr in vars(obj)))
+                    setattr(obj, attr, clock.wrap(label, getattr(obj, attr)))
+                clock.seconds = {}
+                t0 = time.thread_time()
+                results = call_once(handler, rows)
+                total = time.thread_time() - t0
+                while patches:  # unwrap before the next archive (Detection.items is shared by both guards)
+                    obj, attr, original, own = patches.pop()
+                    if own:
+                        setattr(obj, attr, original)
+                    else:
+                        delattr(obj, attr)
+                t0 = time.thread_time()
+                for result in results:
+                    json.dumps(result)
+                if r >= 5:
+                    encode[name].append(time.thread_time() - t0)
+                    per_call[name].append({**clock.seconds, "handle": total})
+    finally:
+        for obj, attr, original, own in reversed(patches):
+            if own:
+                setattr(obj, attr, original)
+            else:
+                delattr(obj, attr)
+    for name, calls in per_call.items():
+        rows_out = []
+        for label, _, _, parent in stages[name]:
+            if any(label in c for c in calls):
+                rows_out.append({"stage": label, "parent": parent,
+                                 "ms_per_batch": 1000 * statistics.median(c.get(label, 0.0) for c in calls)})
+        top = [label for label, _, _, parent in stages[name] if parent is None]
+        rows_out.append({"stage": "other (handler bookkeeping, per-item Python)", "parent": None,
+                         "ms_per_batch": 1000 * statistics.median(c["handle"] - sum(c.get(t, 0.0) for t in top)
+                                                                  for c in calls)})
+        out["archives"][name] = {"handle_ms_per_batch": 1000 * statistics.median(c["handle"] for c in calls),
+                                 "stages": rows_out,
+                                 "response_json_ms_per_batch": 1000 * statistics.median(encode[name]),
+                                 "response_bytes": len(json.dumps(call_once(handlers[name], rows[:1])[0]))}
+        log(f"worker breakdown, {name}, batch {batch}: "
+            + ", ".join(f"{st['stage']} {st['ms_per_batch']:.2f} ms" for st in rows_out))
     return out
 
 

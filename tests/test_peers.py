@@ -403,3 +403,43 @@ def test_decision_never_rewards_flagging_more_than_asked():
     assert best_config({"loose": row(0.03, 0.95), "tight": row(0.007, 0.60)}) == "tight"
     assert best_config({"loose": row(0.03, 0.95), "ok": row(0.004, 0.50)}) == "ok"
     assert best_config({}) is None
+
+
+def test_worker_breakdown_times_each_stage_and_leaves_the_handler_as_it_was(monkeypatch) -> None:
+    import time
+
+    from bench import serving_load
+    from bench.run_all import worker_breakdown_lines
+
+    def busy(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    class Handler:  # a BaseHandler-shaped plain handler: handle = postprocess(inference(preprocess(data)))
+        def preprocess(self, data):
+            busy(0.002)
+            return data
+
+        def inference(self, x):
+            busy(0.004)
+            return x
+
+        def postprocess(self, y):
+            return [{"class": 1} for _ in y]
+
+        def handle(self, data, context):
+            busy(0.001)  # bookkeeping outside every stage
+            return self.postprocess(self.inference(self.preprocess(data)))
+
+    monkeypatch.setattr("layerguard.tooling.worker.set_requests", lambda context, n: None)
+    handler = Handler()
+    result = serving_load.worker_breakdown({"plain": (handler.handle, None)}, [b"x"], batch=4, repeats=3)
+    stages = {st["stage"]: st["ms_per_batch"] for st in result["archives"]["plain"]["stages"]}
+    assert stages["preprocess (PNG decode, stack)"] == pytest.approx(2.0, abs=0.5)
+    assert stages[serving_load.FORWARD] == pytest.approx(4.0, abs=0.5)
+    assert stages["other (handler bookkeeping, per-item Python)"] == pytest.approx(1.0, abs=0.5)
+    assert result["archives"]["plain"]["handle_ms_per_batch"] == pytest.approx(7.0, abs=1.0)
+    assert not vars(handler)  # every wrapper removed: the instance serves as before
+    text = "\n".join(worker_breakdown_lines(result))
+    assert "| preprocess (PNG decode, stack) | 2." in text and "| response body per item (bytes) | 12 |" in text

@@ -503,3 +503,40 @@ def test_mahalanobis_nearest_reference_is_the_smallest_class_distance():
         if name == "mahalanobis-diag":
             z = (query["b"] - rule.means["b"][classes]) * rule.inv_sd["b"][classes]
             assert torch.allclose(terms[:, len(widths) + 1], z.square().mean(dim=1).sqrt(), rtol=1e-4, atol=1e-4)
+
+
+def test_many_class_cosine_keeps_features_that_a_later_in_place_op_cannot_change():
+    """With more classes than one matmul against every centroid is worth, the hook keeps the flattened output
+    for the dot product with the predicted class's centroid after the forward pass. That output may be changed
+    in place later in the same pass (here `add_`): the similarities must still be those of what the layer
+    returned."""
+    from torch import nn
+
+    from layerguard.core.capture import LayerCapture
+    from layerguard.core.similarity import MATMUL_MAX_CLASSES, CosineProfile
+
+    classes = MATMUL_MAX_CLASSES + 6
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc = nn.Linear(4, 6), nn.Linear(6, classes)
+
+        def forward(self, x):
+            h = self.a(x)
+            out = self.fc(h)
+            h.add_(1.0)  # after the hook ran: the kept features must not see this
+            return out
+
+    torch.manual_seed(0)
+    net = Net()
+    gen = torch.Generator().manual_seed(1)
+    profile = CosineProfile(("a",), {"a": torch.randn(classes, 6, generator=gen)})
+    x = torch.randn(5, 4, generator=gen)
+    cls = torch.tensor([0, 3, 7, classes - 1, 2])
+    with LayerCapture(net, ("a",), reducer=profile.reduce) as capture:
+        _, features = capture.run(x)
+    got = profile.similarities_from(features, cls)
+    with torch.no_grad():
+        expected = profile.similarities({"a": net.a(x)}, cls)
+    assert torch.allclose(got, expected, atol=1e-6)

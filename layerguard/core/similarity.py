@@ -94,7 +94,10 @@ class CosineProfile:
             # centroids @ f.T, not f @ centroids.T: the same numbers, and about 1.5x faster on CPU for these
             # short-and-wide shapes (bench/guard_profile.py measures the hook)
             return torch.mm(self.unit_centroids[name], f.T), norms
-        return f, norms
+        # Many classes: the dot product waits for the predicted class, so the features are kept until then - as
+        # a copy, since `f` may be a view of the layer's output, which the rest of the forward pass may still
+        # change in place (a ReLU(inplace=True) after the layer). B x D floats, far fewer than C x D centroids.
+        return (f.clone() if f.data_ptr() == output.data_ptr() else f), norms
 
     def similarities_from(self, reduced: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: torch.Tensor
                           ) -> torch.Tensor:

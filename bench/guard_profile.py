@@ -5,7 +5,8 @@ Each variant adds one piece of what a guarded worker does to a batch, measured i
 forward pass (same inputs, round-robin order, median of per-call times, glibc holding freed memory):
 
   hooks-keep     forward hooks that keep each monitored layer's output (the pre-0.2 design)
-  keep + score   ... then scoring from the kept outputs (the whole pre-0.2 path, for comparison)
+  keep + score   ... then scoring from the kept outputs, layers of equal shape reduced together after the
+                 pass (what serving does up to KEEP_WHOLE_UP_TO rows: layerguard/core/grouped.py)
   hooks-reduce   hooks that reduce each output to what scoring needs, inside the hook (cosine profile + rule)
   hooks-compact  the same without the cosine profile (`response: compact`)
   + score        the detector's verdicts from the reduced outputs
@@ -76,7 +77,7 @@ def steps(model, plan, det, xb: torch.Tensor) -> dict[str, Callable[[], object]]
 
     def kept_scored():
         out = forward(keep)
-        return det.score(keep.features(), out.argmax(dim=1))
+        return det.score_outputs(keep.features(), out.argmax(dim=1))
 
     def scored():
         out = forward(full)

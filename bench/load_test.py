@@ -49,7 +49,16 @@ if str(ROOT / "tests") not in sys.path:
 
 # Workers inherit these: one torch thread per worker on a small shared machine (no oversubscription).
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-SCORE_TOLERANCE = 1e-4  # batch-of-8 vs one-big-batch float32 differences are ~1e-6
+# Served and offline scores of one image differ in float32 rounding: the server reduces small batches layer group
+# by layer group and large ones layer by layer, offline scoring one big batch; sums in another order differ by
+# about 1e-7 relative per feature, which far-out scores (-20 and below) amplify to 1e-5 relative.
+SCORE_TOLERANCE = 1e-4
+SCORE_RELATIVE_TOLERANCE = 2e-5
+
+
+def scores_agree(served: float, offline: float) -> bool:
+    """Equal up to float32 rounding (see SCORE_TOLERANCE)."""
+    return abs(served - offline) <= max(SCORE_TOLERANCE, SCORE_RELATIVE_TOLERANCE * abs(offline))
 
 
 @dataclass(frozen=True)
@@ -260,7 +269,7 @@ def problem(outcome: Outcome, payload: Payload, verdict: Verdict | None) -> tupl
     if outcome.headers.get("x-layerguard-guarded") != "true":
         return "malformed", f"{where}, X-LayerGuard-Guarded is not true"
     near = abs(verdict.score - verdict.threshold) < SCORE_TOLERANCE
-    if body.get("class") != verdict.cls or abs(note["score"] - verdict.score) > SCORE_TOLERANCE or (
+    if body.get("class") != verdict.cls or not scores_agree(note["score"], verdict.score) or (
             note["poisoned"] != verdict.poisoned and not near):
         return "mismatched", (f"{where}: served class {body.get('class')} poisoned {note['poisoned']} score "
                               f"{note['score']:.6f}, offline class {verdict.cls} poisoned {verdict.poisoned} "

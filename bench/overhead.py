@@ -53,6 +53,7 @@ from bench.peers import Mahalanobis, ScaleUp, Strip  # noqa: E402
 from layerguard.core.artifact import CalibrationArtifact  # noqa: E402
 from layerguard.core.capture import LayerCapture  # noqa: E402
 from layerguard.core.detector import Detector  # noqa: E402
+from layerguard.core.grouped import KEEP_WHOLE_UP_TO  # noqa: E402
 from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
 from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
 from layerguard.tooling.calibration import CalibrationConfig, calibrate  # noqa: E402
@@ -100,20 +101,22 @@ def make_artifact(
 
 
 class Guarded:
-    """What the serving handler does per batch: a forward pass whose hooks reduce each monitored output to
-    what scoring needs (layerguard.serving.handler does the same), the verdicts, one JSON-ready note per item.
-    `compact` is the `response: compact` setting (no per-layer similarities or terms)."""
+    """What the serving handler does per batch (layerguard.serving.handler does the same): a forward pass whose
+    hooks reduce each monitored output to what scoring needs, or, up to KEEP_WHOLE_UP_TO rows, keep the outputs
+    to reduce after the pass; the verdicts; one JSON-ready note per item. `compact` is the `response: compact`
+    setting (no per-layer similarities or terms)."""
 
     def __init__(self, model: torch.nn.Module, detector: Detector, compact: bool = False) -> None:
         self.model, self.detector, self.compact = model, detector, compact
-        self.capture = LayerCapture(model, detector.layer_names, reducer=detector.reducer(similarities=not compact))
+        self.capture = LayerCapture(model, detector.layer_names, reducer=detector.reducer(similarities=not compact),
+                                    keep_whole_up_to=KEEP_WHOLE_UP_TO)
         self.capture.attach()
 
     def __call__(self, x: torch.Tensor) -> list[dict]:
         self.capture.clear()
         with torch.no_grad():
             logits = self.model(x)
-        det = self.detector.score_reduced(self.capture.features(), logits.argmax(dim=1))
+        det = self.detector.score_capture(self.capture, logits.argmax(dim=1), similarities=not self.compact)
         return det.items(self.detector.layer_names, self.detector.rule.term_names, compact=self.compact)
 
 
@@ -172,14 +175,16 @@ def latency_one(plain: torch.nn.Module, guarded: Guarded, x: torch.Tensor, repea
     """Plain vs guarded (and the scoring step alone) on one batch, interleaved, median of ``repeats``."""
     detector = guarded.detector
     guarded(x)
-    reduced = dict(guarded.capture.features())  # what the hooks left: scoring from here is the rest of the cost
+    kept = dict(guarded.capture.features())  # what the hooks left: scoring from here is the rest of the cost
+    whole = guarded.capture.kept_whole
     with torch.no_grad():
         pred = plain(x).argmax(dim=1)
     forward = plain_forward(plain)
 
     def score_only() -> None:
-        detector.score_reduced(reduced, pred).items(detector.layer_names, detector.rule.term_names,
-                                                    compact=guarded.compact)
+        det = (detector.score_outputs(kept, pred, similarities=not guarded.compact) if whole
+               else detector.score_reduced(kept, pred))
+        det.items(detector.layer_names, detector.rule.term_names, compact=guarded.compact)
 
     times = time_interleaved(
         {"plain": lambda: forward(x), "guarded": lambda: guarded(x), "score": score_only}, repeats, warmup

@@ -798,17 +798,18 @@ def overhead_section(ov: dict[str, Any]) -> list[str]:
                          f"{100 * (r['wall_ratio_of_medians'] - 1):+.1f}%", num(r["score_only"]["cpu_median_ms"], 2),
                          f"{100 * r['score_share_of_plain_cpu']:.1f}%"])
     lines += table(hdr, rows)
-    lines += ["", "\"Guarded\" is what the serving handler does per batch: the forward pass with hooks that reduce "
-              "each monitored output to what scoring needs inside the hook (cosine profile and the rule's pooled "
-              "features), `Detector.score_reduced` and one JSON note per item; \"compact\" rows are the "
-              "`response: compact` setting, where the hooks skip the cosine profile and the notes carry no "
-              "per-layer detail. CPU time is the thread's own CPU time (one torch thread, so all the work is on "
-              "it); wall time on this shared 2-core machine also counts time the scheduler gave to other jobs, and "
-              "is the noisier of the two. \"Paired\" is the median over rounds of guarded / plain within the "
-              "round, which cancels drift between rounds; the ratio of the two medians does not. \"Scoring "
-              "alone\" times the verdicts and notes from what the hooks left, without the forward pass. Inputs "
-              "are contiguous NCHW, as a handler's `torch.stack` makes them; the channels_last rows feed the same "
-              "images in that layout, where each monitored output is copied into NCHW order to be flattened. "
+    lines += ["", "\"Guarded\" is what the serving handler does per batch: the forward pass with hooks that "
+              "reduce each monitored output to what scoring needs inside the hook (cosine profile and the rule's "
+              "pooled features) or, for batches of up to 8 rows, keep the outputs to reduce after the pass, layers of "
+              "equal shape together (layerguard/core/grouped.py); `Detector.score_capture` and one JSON note per "
+              "item; \"compact\" rows are the `response: compact` setting, which skips the cosine profile and whose "
+              "notes carry no per-layer detail. CPU time is the thread's own CPU time (one torch thread, so all the"
+              " work is on it); wall time on this shared 2-core machine also counts time the scheduler gave to "
+              "other jobs, and is the noisier of the two. \"Paired\" is the median over rounds of guarded / plain "
+              "within the round, which cancels drift between rounds; the ratio of the two medians does not. "
+              "\"Scoring alone\" times the verdicts and notes from what the hooks kept, without the forward pass. "
+              "Inputs are contiguous NCHW, as a handler's `torch.stack` makes them; the channels_last rows feed the"
+              " same images in that layout, where each monitored output is copied into NCHW order to be flattened. "
               "Targets: at most 3% added at batch 32 and 10% at batch 1.", ""]
     r20 = ov["models"].get("resnet20", {})
     peers = r20.get("peers_batch32")
@@ -843,11 +844,13 @@ def profile_section(gp: dict[str, Any]) -> list[str]:
              f"{gp['allocator']}. Each row adds one piece of what a guarded worker does to a batch; the numbers are "
              "the time added over the plain forward pass, in % of it (random weights: timing does not depend on "
              "what the weights learned).", ""]
-    labels = {"hooks-keep": "hooks that keep each monitored output (the 0.1 design)",
-              "keep + score": "... then scoring from the kept outputs (the whole 0.1 path)",
+    labels = {"hooks-keep": "hooks that keep each monitored output",
+              "keep + score": "... then verdicts from the kept outputs, layers of equal shape reduced together "
+                              "(what serving does up to 8 rows)",
               "hooks-reduce": "hooks that reduce each output inside the hook (cosine profile + rule terms)",
               "hooks-compact": "the same without the cosine profile (`response: compact`)",
-              "+ score": "hooks-reduce + verdicts (similarities, rule terms, score, threshold)",
+              "+ score": "hooks-reduce + verdicts (similarities, rule terms, score, threshold; what serving does "
+                         "over 8 rows)",
               "+ notes": "+ per-item JSON-ready notes",
               "+ json": "+ each item's response body as JSON (what TorchServe sends)"}
     rows = gp["rows"]

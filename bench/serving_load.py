@@ -229,8 +229,9 @@ def stage_targets(handler: tuple[Any, Any]) -> list[tuple[str, Any, str, str | N
     guard = guard_for(str(context.system_properties["model_dir"]))
     return [("preprocess (PNG decode, stack)", guard.inner, "preprocess", None),
             (FORWARD, guard.inner, "inference", None),
-            ("monitored layers' hooks", guard.capture, "_reducer", FORWARD),
-            ("verdicts (Detector.score_reduced)", guard.detector, "score_reduced", None),
+            ("monitored layers' reductions in their hooks (batches over 8)", guard.capture, "_reducer", FORWARD),
+            ("verdicts (Detector.score_capture; up to 8 rows it reduces the kept outputs)", guard.detector,
+             "score_capture", None),
             ("JSON-ready notes (Detection.items)", Detection, "items", None),
             ("postprocess (softmax, top class)", guard.inner, "postprocess", None),
             ("answers and X-LayerGuard headers", guard, "_answer", None),

@@ -109,6 +109,45 @@ def test_batch_equals_one_at_a_time(served, images):
         assert a["layerguard"]["score"] == pytest.approx(b["layerguard"]["score"], abs=1e-4)
 
 
+def test_small_batches_kept_whole_score_as_large_ones_reduced_in_the_hooks(served, images):
+    """Up to KEEP_WHOLE_UP_TO rows the outputs are reduced after the pass, above it inside the hooks."""
+    from layerguard.core.grouped import KEEP_WHOLE_UP_TO
+
+    clean, triggered, _ = images
+    half = KEEP_WHOLE_UP_TO // 2 + 1
+    large = served(clean[:half] + triggered[:half])
+    assert not served.guard.capture.kept_whole
+    small = served(clean[:half]) + served(triggered[:half])
+    assert served.guard.capture.kept_whole
+    for (_, _, a), (_, _, b) in zip(large, small):
+        assert a["class"] == b["class"] and a["layerguard"]["poisoned"] == b["layerguard"]["poisoned"]
+        assert a["layerguard"]["score"] == pytest.approx(b["layerguard"]["score"], abs=1e-4)
+        assert a["layerguard"]["similarities"] == pytest.approx(b["layerguard"]["similarities"], abs=1e-5)
+
+
+def test_probe_that_sees_a_monitored_output_changed_in_place_reduces_every_batch_in_the_hooks(archives, tmp_path,
+                                                                                                images):
+    served = Served(extract(archives["guarded"], tmp_path / "d"))
+    guard = served.guard
+    assert guard.capture.keep_whole_up_to > 0  # nothing changed in place: small batches keep whole outputs
+    first = dict(guard.model.named_modules())[guard.artifact.layer_names[0]]
+    seen = {}
+    def change_in_place(*_args) -> None:  # as an in-place op later in the forward pass would
+        seen["out"].add_(0.0)
+
+    handles = [first.register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out)),
+               guard.model.register_forward_hook(change_in_place)]
+    try:
+        guard._probe(served.context)
+        assert guard.capture.keep_whole_up_to == 0
+        clean, triggered, _ = images
+        results = served(clean[:2] + triggered[:2])
+        assert [r[0] for r in results] == [200] * 4 and not served.guard.capture.kept_whole
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_clean_batch_is_preprocessed_in_one_call_and_a_bad_one_request_by_request(served, images, monkeypatch):
     """The inner preprocess runs once per clean batch (as BaseHandler runs it); a batch with a corrupt input
     falls back to one call per request, so the corrupt one fails alone."""
@@ -162,7 +201,7 @@ def test_detector_failure_is_a_per_item_500_and_counted(served, images, monkeypa
     def broken(*_args, **_kw):
         raise RuntimeError("centroids on fire")
 
-    monkeypatch.setattr(handler.detector, "score_reduced", broken)
+    monkeypatch.setattr(handler.detector, "score_capture", broken)
     caplog.set_level(logging.INFO)
     results = served([clean[0], b"junk", clean[1]])
     assert [r[0] for r in results] == [500, 400, 500]

@@ -16,13 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CaptureError", "LayerCapture", "forward_hooks"]
+__all__ = ["CaptureError", "LayerCapture", "ModifiedInPlace", "forward_hooks"]
 
 Hook = Callable[[nn.Module, tuple, object], None]
 
 
 class CaptureError(RuntimeError):
     """A watched layer misbehaved during a forward pass (not called, wrong output, modified in place)."""
+
+
+class ModifiedInPlace(CaptureError):
+    """A kept output was changed in place later in the forward pass: whole outputs cannot be kept for this model
+    (its layers must be reduced inside their hooks)."""
 
 
 @contextlib.contextmanager
@@ -53,11 +58,15 @@ class LayerCapture:
 
     With `reducer(name, output)`, the hook keeps only what the reducer returns, computed right when the layer
     has produced its output (still in cache, before any later in-place op): serving keeps a few numbers per
-    input instead of every monitored activation (`Detector.reducer`).
+    input instead of every monitored activation (`Detector.reducer`). With `keep_whole_up_to`, batches of at most
+    that many rows keep the whole outputs anyway, to be reduced after the forward pass (`Detector.score_capture`):
+    at small batches that is the cheaper way (layerguard/core/grouped.py says why). `kept_whole` says which way
+    the last pass went.
     """
 
     def __init__(self, model: nn.Module, layer_names: tuple[str, ...] | list[str],
-                 capture_output: bool = False, reducer: Callable[[str, torch.Tensor], Any] | None = None) -> None:
+                 capture_output: bool = False, reducer: Callable[[str, torch.Tensor], Any] | None = None,
+                 keep_whole_up_to: int = 0) -> None:
         self.model = model
         self.layer_names = tuple(layer_names)
         modules = dict(model.named_modules())
@@ -68,7 +77,8 @@ class LayerCapture:
         if capture_output:
             self._hooks[model] = self._output_hook
         self._reducer = reducer
-        self._outputs: dict[str, tuple[Any, int | None]] = {}
+        self.keep_whole_up_to = keep_whole_up_to if reducer is not None else 0
+        self._outputs: dict[str, tuple[Any, int | None, bool]] = {}
         self._model_output: object = None
         self._stack: contextlib.ExitStack | None = None
 
@@ -96,14 +106,14 @@ class LayerCapture:
         def hook(_module: nn.Module, _inputs, output) -> None:
             if not isinstance(output, torch.Tensor) or output.dim() < 1:
                 raise CaptureError(f"layer {name!r} returned {type(output).__name__}, not a batch tensor")
-            if self._reducer is not None:
+            if self._reducer is not None and output.shape[0] > self.keep_whole_up_to:
                 # without autograd the reduction records no graph, so no detached view is needed (one op fewer
                 # per hooked layer, which is what the guard costs at batch 1)
                 self._outputs[name] = (self._reducer(name, output if not torch.is_grad_enabled()
-                                                     else output.detach()), None)
+                                                     else output.detach()), None, False)
             else:
                 kept = output.detach()
-                self._outputs[name] = (kept, _version_of(kept))
+                self._outputs[name] = (kept, _version_of(kept), True)
 
         return hook
 
@@ -120,6 +130,11 @@ class LayerCapture:
         """The model's output of the last forward pass (only with `capture_output=True`)."""
         return self._model_output
 
+    @property
+    def kept_whole(self) -> bool:
+        """Whether the last forward pass kept the layers' whole outputs (False: the reducer's results)."""
+        return self._reducer is None or any(whole for _, _, whole in self._outputs.values())
+
     def features(self) -> dict[str, Any]:
         """The last forward pass's outputs by layer name, each [batch, ...] as the layer returned it (or as
         the reducer reduced it)."""
@@ -129,11 +144,13 @@ class LayerCapture:
                 f"layer(s) {', '.join(missing)} were not called in the forward pass; "
                 "the model's forward does not go through them"
             )
+        if len({whole for _, _, whole in self._outputs.values()}) > 1:
+            raise CaptureError("the watched layers saw different batch sizes in one forward pass")
         result = {}
         for name in self.layer_names:
-            tensor, version = self._outputs[name]
+            tensor, version, _ = self._outputs[name]
             if version is not None and _version_of(tensor) != version:
-                raise CaptureError(
+                raise ModifiedInPlace(
                     f"the output of layer {name!r} is modified in place later in the forward pass "
                     "(e.g. by ReLU(inplace=True)); monitor the module after it instead"
                 )

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .capture import LayerCapture
+from .grouped import GroupedReduction
 from .rules import ScoringRule, create_rule
 from .rules.base import FitError, LayerStatistics
 from .similarity import CosineProfile, layer_of_interest
@@ -102,6 +104,7 @@ class Detector:
         self.benign = benign
         self.sim_mean, self.sim_std, self.counts = sim_mean, sim_std, counts
         self._loi_t = torch.as_tensor(self.loi)
+        self._grouped: GroupedReduction | None = None
         self.set_policy(policy)
 
     def set_policy(self, policy: ThresholdPolicy) -> None:
@@ -112,14 +115,19 @@ class Detector:
 
     def to(self, device: torch.device | str) -> Detector:
         self.profile = CosineProfile(self.layer_names, self.profile.centroids, device)
+        self._grouped = None
         self.rule.to(device)
         return self
+
+    def _needs_similarities(self, similarities: bool) -> bool:
+        """Whether the cosine profile is computed: when the response shows it, or the rule is built on it."""
+        return similarities or self.rule.name == "cosine-loi"
 
     def reducer(self, similarities: bool = True):
         """`reduce(name, output)` for `LayerCapture(reducer=...)`: each layer's output is reduced to what
         scoring needs inside its hook (a few numbers per input), so no activation is kept past its layer.
         `similarities=False` skips the cosine profile when the rule does not need it (compact responses)."""
-        cosine = similarities or self.rule.name == "cosine-loi"
+        cosine = self._needs_similarities(similarities)
 
         def reduce(name: str, output: torch.Tensor) -> tuple:
             ruled = self.rule.reduce(name, output)
@@ -129,25 +137,50 @@ class Detector:
 
         return reduce
 
-    def score_reduced(self, reduced: dict[str, tuple], predicted: torch.Tensor) -> Detection:
-        """Verdicts for one batch from its reduced layer outputs (see `reducer`) and the predicted classes."""
+    def _classes(self, predicted: torch.Tensor) -> torch.Tensor:
+        """The predicted classes as int64 on the detector's device, refused when outside the calibrated ones."""
         classes = predicted.detach().to(torch.int64)
         if classes.numel():
             low, high = torch.aminmax(classes)
             if int(low) < 0 or int(high) >= self.num_classes:
                 raise ValueError(f"predicted class outside 0..{self.num_classes - 1}")
-        device = self.profile.device
-        classes = classes.to(device)
+        return classes.to(self.profile.device)
+
+    def _verdicts(self, ruled: dict[str, Any], classes: torch.Tensor, sims: torch.Tensor | None) -> Detection:
+        terms = self.rule.terms(ruled, classes, sims)
+        scores = self.rule.combine(terms, classes).cpu()
+        cpu = classes.cpu()
+        thresholds = self._thresholds_t.index_select(0, cpu)
+        return Detection(predicted=cpu, similarities=None if sims is None else sims.cpu(), terms=terms.cpu(),
+                         scores=scores, thresholds=thresholds, layer_of_interest=self._loi_t.index_select(0, cpu),
+                         poisoned=scores < thresholds)
+
+    def score_reduced(self, reduced: dict[str, tuple], predicted: torch.Tensor) -> Detection:
+        """Verdicts for one batch from its reduced layer outputs (see `reducer`) and the predicted classes."""
+        classes = self._classes(predicted)
         with_sims = all(reduced[n][0] is not None for n in self.layer_names)
         sims = self.profile.similarities_from({n: reduced[n][0] for n in self.layer_names}, classes) \
             if with_sims else None
-        terms = self.rule.terms({n: reduced[n][1] for n in self.layer_names}, classes, sims)
-        scores = self.rule.combine(terms, classes).cpu()
-        cpu = classes.cpu()
-        thresholds = self._thresholds_t[cpu]
-        return Detection(predicted=cpu, similarities=None if sims is None else sims.cpu(), terms=terms.cpu(),
-                         scores=scores, thresholds=thresholds, layer_of_interest=self._loi_t[cpu],
-                         poisoned=scores < thresholds)
+        return self._verdicts({n: reduced[n][1] for n in self.layer_names}, classes, sims)
+
+    def score_outputs(self, outputs: dict[str, torch.Tensor], predicted: torch.Tensor, similarities: bool = True
+                      ) -> Detection:
+        """Verdicts for one batch from its monitored layers' whole outputs, reduced after the forward pass with
+        layers of equal shape together (`GroupedReduction`: the cheaper way at small batches). The same
+        verdicts as `score_reduced` on the hooks' reductions."""
+        classes = self._classes(predicted)
+        if self._grouped is None:
+            self._grouped = GroupedReduction(self.profile, self.rule)
+        ruled, sims = self._grouped.reduce(outputs, classes, self._needs_similarities(similarities))
+        return self._verdicts(ruled, classes, sims)
+
+    def score_capture(self, capture: LayerCapture, predicted: torch.Tensor, similarities: bool = True) -> Detection:
+        """Verdicts for the batch `capture` watched, whichever way it kept the layers (reduced in the hooks or
+        whole, see `LayerCapture(keep_whole_up_to=...)`)."""
+        features = capture.features()
+        if capture.kept_whole:
+            return self.score_outputs(features, predicted, similarities)
+        return self.score_reduced(features, predicted)
 
     def score(self, features: dict[str, torch.Tensor], predicted: torch.Tensor) -> Detection:
         """Verdicts for one batch from its captured layer outputs and the classes the model predicted."""

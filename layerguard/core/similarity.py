@@ -108,7 +108,7 @@ class CosineProfile:
             every = torch.stack([dots for dots, _ in parts])  # [K, C, B]
             dots = every.gather(1, classes[None, None, :].expand(len(parts), 1, -1))[:, 0].T
         else:
-            dots = torch.stack([(f * self.unit_centroids[n][classes]).sum(dim=1)
+            dots = torch.stack([(f * self.unit_centroids[n].index_select(0, classes)).sum(dim=1)
                                 for n, (f, _) in zip(self.layer_names, parts)], dim=1)
         norms = torch.stack([norm for _, norm in parts], dim=1)
         return dots / norms.clamp_min(1e-12)

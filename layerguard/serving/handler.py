@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from ..core.artifact import SIGNING_KEY_ENV, ArtifactError, CalibrationArtifact, read_signing_key
-from ..core.capture import LayerCapture
+from ..core.capture import LayerCapture, ModifiedInPlace
 from ..core.detector import Detector
+from ..core.grouped import KEEP_WHOLE_UP_TO
 from . import metrics as m
 from .inner import GuardLoadError, device_of, guardable_model, load_inner_handler, overrides_handle
 from .inputs import (
@@ -104,7 +105,8 @@ class LayerGuardHandler:
         self.max_image_pixels = self.policy.max_image_pixels or default_max_pixels(self.artifact.meta.input_shape)
         limit_image_pixels(self.max_image_pixels)  # after the inner handler: the guard's limit wins
         self.capture = LayerCapture(self.model, self.artifact.layer_names, capture_output=self.delegates_handle,
-                                    reducer=self.detector.reducer(similarities=self.policy.response == "full"))
+                                    reducer=self.detector.reducer(similarities=self.policy.response == "full"),
+                                    keep_whole_up_to=KEEP_WHOLE_UP_TO)
         self.capture.attach()
         self._probe(context)
         logger.info("layerguard: guarding %s with rule %s at layers %s, policy %s, threshold %s, %s",
@@ -140,23 +142,37 @@ class LayerGuardHandler:
 
     def _probe(self, context) -> None:
         """One forward pass on zeros of the calibrated input shape: proves at load time that the hooks fire
-        (they do not on ExportedProgram.module()) and that the class count matches the artifact."""
+        (they do not on ExportedProgram.module()), that the class count matches the artifact, and that no
+        monitored output is changed in place later in the pass (else small batches cannot keep whole outputs
+        to reduce after the pass, and every batch is reduced inside the hooks)."""
         shape = self.artifact.meta.input_shape
-        if not shape:
-            return
         self.inner.context = context
-        self.capture.clear()
         try:
-            with torch.no_grad():
-                output = self.model(torch.zeros((1, *shape), device=self.device))
+            output = self._probe_pass(shape) if shape else None
         except Exception as exc:  # noqa: BLE001 - e.g. a model that wants integer inputs: check per batch
             logger.warning("layerguard: load-time probe skipped (forward pass on zeros failed: %s)", why(exc))
+            output = None
+        if output is None:  # nothing proved that kept outputs stay as the layers returned them
+            self.capture.keep_whole_up_to = 0
             return
         try:
-            self.capture.features()
+            try:
+                self.capture.features()
+            except ModifiedInPlace:
+                logger.info("layerguard: a monitored output is modified in place later in the forward pass; "
+                            "every batch is reduced inside the hooks")
+                self.capture.keep_whole_up_to = 0
+                output = self._probe_pass(shape)
+                self.capture.features()
         except RuntimeError as exc:
             raise GuardLoadError(f"layerguard hooks did not capture the calibrated layers: {exc}") from exc
         self.artifact.check_output_classes(int(_logits(output).shape[1]))
+
+    def _probe_pass(self, shape: tuple[int, ...]) -> Any:
+        """The probe's forward pass, under no_grad: version counters stay on, so in-place changes show."""
+        self.capture.clear()
+        with torch.no_grad():
+            return self.model(torch.zeros((1, *shape), device=self.device))
 
     # ---- requests ----
     def handle(self, data: list, context) -> list:
@@ -298,10 +314,13 @@ class LayerGuardHandler:
             if logits.shape[0] != len(indices):
                 raise ValueError(f"the watched forward pass had {logits.shape[0]} rows for {len(indices)} inputs "
                                  "(the handler ran the model more than once per batch?)")
-            detection = self.detector.score_reduced(self.capture.features(), logits.argmax(dim=1))
+            detection = self.detector.score_capture(self.capture, logits.argmax(dim=1),
+                                                    similarities=self.policy.response == "full")
             return detection.items(self.artifact.layer_names, self.detector.rule.term_names,
                                    compact=self.policy.response == "compact")
         except Exception as exc:  # noqa: BLE001 - fail closed for these items, keep the worker
+            if isinstance(exc, ModifiedInPlace):  # the probe could not see it: reduce in the hooks from now on
+                self.capture.keep_whole_up_to = 0
             logger.exception("layerguard: detection failed")
             batch.fail_all(context, indices, 500, "Internal Server Error", "detection failed", why(exc))
             return None

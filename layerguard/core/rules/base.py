@@ -15,7 +15,7 @@ stores whatever `arrays()` returns and the report draws `terms` by layer, so nei
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -93,6 +93,12 @@ class ScoringRule(ABC):
         """What the rule needs of one layer's output, as small as possible: a tensor or a tuple of tensors (serving
         computes it inside the layer's hook, so the activation itself is not kept). None: nothing of this layer."""
         return None
+
+    def reduction_key(self, name: str) -> Hashable:
+        """Layers with equal keys and equal output shapes are reduced the same way, row by row, so serving may
+        reduce them as one stacked batch (`GroupedReduction`). The default, the layer's own name, never groups:
+        a rule opts in by saying which layers its `reduce` treats alike."""
+        return name
 
     def output_norms(self, name: str, reduced: Any) -> torch.Tensor | None:
         """[B] L2 norm of the layer's whole output when `reduce`'s result already determines it (the cosine

@@ -7,7 +7,7 @@ centroids, LOI and score statistics all come from the same references, as in the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ class CosineLoiRule(ScoringRule):
 
     def fit(self, stats, class_names) -> None:
         return None
+
+    def reduction_key(self, name: str) -> Hashable:
+        return None  # nothing of any layer: the cosine profile is all this rule reads
 
     def terms(self, reduced, classes, similarities) -> torch.Tensor:
         return similarities

@@ -15,7 +15,7 @@ sums and one scatter matrix per layer, mergeable across shards and folds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,6 +117,9 @@ class MahalanobisRule(ScoringRule):
             self.means[name] = acc.means().to(torch.float32)
             self.precisions[name] = torch.linalg.inv(shrunk).to(torch.float32)
         self._groups = self._packed = None
+
+    def reduction_key(self, name: str) -> Hashable:
+        return name in self._term_set  # pooled, or nothing
 
     def reduce(self, name: str, output: torch.Tensor) -> torch.Tensor | None:
         if name not in self._term_set:

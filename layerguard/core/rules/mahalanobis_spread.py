@@ -21,7 +21,7 @@ batch. The measurement that decided it (and what it costs) is in docs/benchmarks
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -130,6 +130,9 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
         self._spread_combine = None
 
     # ---- score ----
+    def reduction_key(self, name: str) -> Hashable:
+        return super().reduction_key(name), name in self.spread_layers  # moments, pooled, or nothing
+
     def reduce(self, name: str, output: torch.Tensor):
         """For a spatial layer, its channels' (mean, L2 norm, positions); the spreads are derived for all layers at
         once in `terms` (at batch 1 the op count, not the arithmetic, is the cost)."""

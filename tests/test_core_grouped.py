@@ -1,0 +1,135 @@
+"""Small batches keep whole outputs and reduce them after the pass, layers of equal shape together: the verdicts
+must be those of the hooks' own reductions, for every rule, whatever order the shapes come in."""
+
+import pytest
+import torch
+from torch import nn
+
+from layerguard.core.capture import LayerCapture, ModifiedInPlace
+from layerguard.core.grouped import GroupedReduction
+from layerguard.core.layers import plan_for
+from layerguard.core.rules import RULES
+from layerguard.tooling.calibration import CalibrationConfig, calibrate
+
+CLASSES = 5
+
+
+class Branches(nn.Module):
+    """Monitored shapes interleave: a [4, 6, 6], b [8, 3, 3], c [4, 6, 6], d [8, 3, 3], fc [5]. Grouped, the
+    rows come out as (a, c), (b, d), (fc) and must be put back in layer order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.d = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(12, CLASSES)
+
+    def forward(self, x):
+        a = self.a(x)
+        b = self.b(a)
+        c = self.c(a)
+        d = self.d(b)
+        return self.fc(torch.cat([c.mean(dim=(2, 3)), d.mean(dim=(2, 3))], dim=1))
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(0)
+    model = Branches().eval()
+    x = torch.rand(300, 3, 6, 6)
+    with torch.no_grad():
+        y = model(x).argmax(dim=1)
+    y[: 3 * CLASSES] = torch.arange(3 * CLASSES) % CLASSES  # every class seen
+    return model, x, y
+
+
+def detector_for(model, x, y, rule):
+    plan = plan_for(model, x[:1], ["a", "b", "c", "d", "fc"])
+    artifact = calibrate(model, lambda: [(x[i:i + 100], y[i:i + 100]) for i in range(0, 300, 100)], plan, CLASSES,
+                         CalibrationConfig(rule=rule, min_per_class=3, folds=3))
+    return plan, artifact.detector()
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("similarities", [True, False])
+def test_kept_outputs_score_as_the_hooks_reductions(data, rule, similarities):
+    model, x, y = data
+    plan, det = detector_for(model, x, y, rule)
+    batch = torch.rand(6, 3, 6, 6)
+    capture = LayerCapture(model, plan.layers, reducer=det.reducer(similarities), keep_whole_up_to=8)
+    with capture:
+        with torch.no_grad():
+            pred = model(batch).argmax(dim=1)
+        assert capture.kept_whole
+        kept = det.score_capture(capture, pred, similarities)
+        capture.keep_whole_up_to = 0
+        capture.clear()
+        with torch.no_grad():
+            model(batch)
+        assert not capture.kept_whole
+        hooked = det.score_capture(capture, pred, similarities)
+    assert (kept.similarities is None) == (hooked.similarities is None)
+    if kept.similarities is not None:
+        assert torch.allclose(kept.similarities, hooked.similarities, atol=1e-5)
+    assert torch.allclose(kept.terms, hooked.terms, atol=1e-5)
+    assert torch.allclose(kept.scores, hooked.scores, atol=1e-5)
+    assert torch.equal(kept.poisoned, hooked.poisoned)
+
+
+def test_layers_of_equal_shape_and_role_are_reduced_together(data):
+    model, x, y = data
+    _, det = detector_for(model, x, y, "mahalanobis-spread")
+    with torch.no_grad(), LayerCapture(model, det.layer_names) as capture:
+        model(x[:2])
+        outputs = capture.features()
+    grouped = GroupedReduction(det.profile, det.rule)
+    groups, order = grouped._groups(outputs)
+    assert groups == [("a", "c"), ("b", "d"), ("fc",)]
+    assert order is not None and order.tolist() == [0, 2, 1, 3, 4]
+
+
+def test_a_rule_that_does_not_say_which_layers_reduce_alike_is_never_grouped(data):
+    model, x, y = data
+    _, det = detector_for(model, x, y, "mahalanobis")
+    det.rule.reduction_key = lambda name: name  # the base class's answer
+    with torch.no_grad(), LayerCapture(model, det.layer_names) as capture:
+        model(x[:2])
+        outputs = capture.features()
+    groups, _ = GroupedReduction(det.profile, det.rule)._groups(outputs)
+    assert groups == [("a",), ("b",), ("c",), ("d",), ("fc",)]
+
+
+def test_batches_over_the_limit_are_reduced_in_the_hooks(data):
+    model, x, y = data
+    plan, det = detector_for(model, x, y, "mahalanobis-spread")
+    with LayerCapture(model, plan.layers, reducer=det.reducer(), keep_whole_up_to=4) as capture:
+        capture.run(x[:4])
+        assert capture.kept_whole
+        capture.run(x[:5])
+        assert not capture.kept_whole
+        assert isinstance(capture.features()["a"], tuple)  # (cosine part, rule part), not the activation
+
+
+def test_kept_output_changed_in_place_is_refused_not_scored():
+    """Kept whole, an output that the rest of the pass changes in place would be scored wrong: refused (the
+    serving handler then reduces every batch in the hooks; its load-time probe finds such a model first)."""
+
+    class Overwrites(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            out = self.fc(h)
+            h.add_(1.0)
+            return out
+
+    net = Overwrites()
+    with LayerCapture(net, ("a",), reducer=lambda _n, t: t.sum(), keep_whole_up_to=8) as capture:
+        with pytest.raises(ModifiedInPlace, match="in place"):
+            capture.run(torch.rand(2, 4))
+        capture.keep_whole_up_to = 0
+        capture.run(torch.rand(2, 4))  # reduced inside the hook, before the change: fine

@@ -6,7 +6,7 @@ forward pass (same inputs, round-robin order, median of per-call times, glibc ho
 
   hooks-keep     forward hooks that keep each monitored layer's output (the pre-0.2 design)
   keep + score   ... then scoring from the kept outputs, layers of equal shape reduced together after the
-                 pass (what serving does up to KEEP_WHOLE_UP_TO rows: layerguard/core/grouped.py)
+                 pass (what serving does up to KEEP_WHOLE_UP_TO rows, 16: layerguard/core/grouped.py)
   hooks-reduce   hooks that reduce each output to what scoring needs, inside the hook (cosine profile + rule)
   hooks-compact  the same without the cosine profile (`response: compact`)
   + score        the detector's verdicts from the reduced outputs
@@ -17,7 +17,7 @@ Reported as milliseconds per batch and as a share of the plain forward pass. Mod
 and ResNet-18 of bench/models.py with random weights (timing does not depend on what the weights learned),
 calibrated on random images (the statistics' values do not change the cost either).
 
-    .venv/bin/python bench/guard_profile.py [--archs resnet20,resnet18_cifar] [--batches 1,32] [--repeats 40]
+    .venv/bin/python bench/guard_profile.py [--archs resnet20,resnet18_cifar] [--batches 1,16,32] [--repeats 40]
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def measure(arch: str, rule: str, batch: int, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", default="resnet20,resnet18_cifar")
-    p.add_argument("--batches", default="1,32")
+    p.add_argument("--batches", default="1,16,32")
     p.add_argument("--rule", default=DEFAULT_RULE, help=f"scoring rule (default {DEFAULT_RULE})")
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--threads", type=int, default=1)

@@ -800,7 +800,7 @@ def overhead_section(ov: dict[str, Any]) -> list[str]:
     lines += table(hdr, rows)
     lines += ["", "\"Guarded\" is what the serving handler does per batch: the forward pass with hooks that "
               "reduce each monitored output to what scoring needs inside the hook (cosine profile and the rule's "
-              "pooled features) or, for batches of up to 8 rows, keep the outputs to reduce after the pass, layers of "
+              "pooled features) or, for batches of up to 16 rows, keep the outputs to reduce after the pass, layers of "
               "equal shape together (layerguard/core/grouped.py); `Detector.score_capture` and one JSON note per "
               "item; \"compact\" rows are the `response: compact` setting, which skips the cosine profile and whose "
               "notes carry no per-layer detail. CPU time is the thread's own CPU time (one torch thread, so all the"
@@ -846,11 +846,11 @@ def profile_section(gp: dict[str, Any]) -> list[str]:
              "what the weights learned).", ""]
     labels = {"hooks-keep": "hooks that keep each monitored output",
               "keep + score": "... then verdicts from the kept outputs, layers of equal shape reduced together "
-                              "(what serving does up to 8 rows)",
+                              "(what serving does up to 16 rows)",
               "hooks-reduce": "hooks that reduce each output inside the hook (cosine profile + rule terms)",
               "hooks-compact": "the same without the cosine profile (`response: compact`)",
               "+ score": "hooks-reduce + verdicts (similarities, rule terms, score, threshold; what serving does "
-                         "over 8 rows)",
+                         "over 16 rows)",
               "+ notes": "+ per-item JSON-ready notes",
               "+ json": "+ each item's response body as JSON (what TorchServe sends)"}
     rows = gp["rows"]

@@ -51,6 +51,7 @@ from bench.benchutil import (  # noqa: E402
 from bench.data import default_data_path, load_cifar  # noqa: E402
 from bench.overhead import load_bench_model, stratified  # noqa: E402
 from layerguard.core.detector import Detection  # noqa: E402
+from layerguard.core.grouped import KEEP_WHOLE_UP_TO  # noqa: E402
 from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
 from layerguard.tooling.calibration import CalibrationConfig  # noqa: E402
 from layerguard.tooling.data import ArraySource, encode_png  # noqa: E402
@@ -229,9 +230,10 @@ def stage_targets(handler: tuple[Any, Any]) -> list[tuple[str, Any, str, str | N
     guard = guard_for(str(context.system_properties["model_dir"]))
     return [("preprocess (PNG decode, stack)", guard.inner, "preprocess", None),
             (FORWARD, guard.inner, "inference", None),
-            ("monitored layers' reductions in their hooks (batches over 8)", guard.capture, "_reducer", FORWARD),
-            ("verdicts (Detector.score_capture; up to 8 rows it reduces the kept outputs)", guard.detector,
-             "score_capture", None),
+            (f"monitored layers' reductions in their hooks (batches over {KEEP_WHOLE_UP_TO})", guard.capture,
+             "_reducer", FORWARD),
+            (f"verdicts (Detector.score_capture; up to {KEEP_WHOLE_UP_TO} rows it reduces the kept outputs)",
+             guard.detector, "score_capture", None),
             ("JSON-ready notes (Detection.items)", Detection, "items", None),
             ("postprocess (softmax, top class)", guard.inner, "postprocess", None),
             ("answers and X-LayerGuard headers", guard, "_answer", None),

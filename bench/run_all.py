@@ -1114,10 +1114,19 @@ def render(results: Path = RESULTS_DIR, docs: Path = DOCS) -> str:
                     "overhead": ov,
                     "guard_profile": gp, "calibration_cost": cal, "serving_load": sl}
     secs = {k: v["seconds"] for k, v in step_results.items() if v and "seconds" in v}
-    machine = next((v["machine"] for v in step_results.values() if v), None)
-    if machine:
-        lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores (shared with other jobs), {machine['os']}, "
-                  f"Python {machine['python']}, torch {machine['torch']} (CPU), one torch thread throughout."]
+    # the steps may come from different runs on different machines (each section names its own): list each CPU
+    by_cpu: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for step, v in step_results.items():
+        if v and v.get("machine"):
+            by_cpu.setdefault(v["machine"]["cpu"], (v["machine"], []))[1].append(step)
+    for machine, steps in by_cpu.values():
+        which = "" if len(by_cpu) == 1 else f" ({', '.join(steps)})"
+        lines += [f"Machine{which}: {machine['cpu']}, {machine['cores']} cores (shared with other jobs), "
+                  f"{machine['os']}, Python {machine['python']}, torch {machine['torch']} (CPU), one torch thread "
+                  "throughout."]
+    if len(by_cpu) > 1:
+        lines += ["Cost ratios depend on the machine (per-op dispatch and memory bandwidth differ), so compare "
+                  "numbers within one section."]
     if secs:
         lines += ["Run time of each step as recorded in its result file: " + ", ".join(
             f"{k} {v / 60:.1f} min" for k, v in secs.items()) + f"; `make bench` total about "

@@ -1,6 +1,8 @@
 """Small batches keep whole outputs and reduce them after the pass, layers of equal shape together: the verdicts
 must be those of the hooks' own reductions, for every rule, whatever order the shapes come in."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -54,10 +56,14 @@ def detector_for(model, x, y, rule):
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 @pytest.mark.parametrize("similarities", [True, False])
-def test_kept_outputs_score_as_the_hooks_reductions(data, rule, similarities):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_kept_outputs_score_as_the_hooks_reductions(data, rule, similarities, layout):
+    """Also for a channels_last model, whose outputs are not contiguous in NCHW order (the flattening for the
+    cosine must follow the centroids' order, not the memory's)."""
     model, x, y = data
     plan, det = detector_for(model, x, y, rule)
-    batch = torch.rand(6, 3, 6, 6)
+    model = copy.deepcopy(model).to(memory_format=layout)
+    batch = torch.rand(6, 3, 6, 6).contiguous(memory_format=layout)
     capture = LayerCapture(model, plan.layers, reducer=det.reducer(similarities), keep_whole_up_to=8)
     with capture:
         with torch.no_grad():

@@ -112,7 +112,7 @@ class LayerCapture:
                 self._outputs[name] = (self._reducer(name, output if not torch.is_grad_enabled()
                                                      else output.detach()), None, False)
             else:
-                kept = output.detach()
+                kept = output if not torch.is_grad_enabled() else output.detach()  # no graph to cut without autograd
                 self._outputs[name] = (kept, _version_of(kept), True)
 
         return hook

@@ -13,16 +13,24 @@ forward pass (same inputs, round-robin order, median of per-call times, glibc ho
   + notes        per-item JSON-ready annotations (`Detection.items`)
   + json         serialising each item's response body as TorchServe does (json.dumps per item)
 
-Reported as milliseconds per batch and as a share of the plain forward pass. Models are the CIFAR ResNet-20
-and ResNet-18 of bench/models.py with random weights (timing does not depend on what the weights learned),
-calibrated on random images (the statistics' values do not change the cost either).
+Reported as milliseconds per batch and as a share of the plain forward pass.
+
+Then the crossover that sets KEEP_WHOLE_UP_TO (layerguard/core/grouped.py): the whole guarded path of
+bench/overhead.py (`Guarded`: forward, verdicts, notes) with the reductions inside the hooks against the outputs
+kept and reduced after the pass, full and compact responses, at several batch sizes, as the median over rounds of
+each path's CPU time / the plain pass's in the same round (paired: drift between rounds cancels).
+
+Models are the CIFAR ResNet-20 and ResNet-18 of bench/models.py with random weights (timing does not depend on
+what the weights learned), calibrated on random images (the statistics' values do not change the cost either).
 
     .venv/bin/python bench/guard_profile.py [--archs resnet20,resnet18_cifar] [--batches 1,16,32] [--repeats 40]
+        [--crossover-batches 1,4,8,16,32] [--crossover-repeats 40]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -45,6 +53,7 @@ from bench.benchutil import (  # noqa: E402
 )
 from bench.models import build_model  # noqa: E402
 from layerguard.core.capture import LayerCapture  # noqa: E402
+from layerguard.core.grouped import KEEP_WHOLE_UP_TO  # noqa: E402
 from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
 from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
 from layerguard.tooling.calibration import CalibrationConfig, calibrate  # noqa: E402
@@ -161,12 +170,44 @@ def measure(arch: str, rule: str, batch: int, repeats: int) -> dict:
     return row
 
 
+def crossover(arch: str, rule: str, batches: list[int], repeats: int) -> list[dict]:
+    """Paired CPU time added by each path, hooks against kept, full and compact, per batch size."""
+    from bench.overhead import Guarded, time_interleaved
+
+    model, _, det = calibrated(arch, rule)
+    paths = {}
+    for compact in (False, True):
+        for kept in (False, True):
+            guarded = Guarded(copy.deepcopy(model), det, compact=compact)
+            guarded.capture.keep_whole_up_to = max(batches) if kept else 0
+            paths[f"{'compact' if compact else 'full'}, {'kept' if kept else 'hooks'}"] = guarded
+    plain = copy.deepcopy(model)
+    rows = []
+    for batch in batches:
+        xb = torch.rand(batch, 3, 32, 32)
+
+        def forward(xb: torch.Tensor = xb) -> torch.Tensor:
+            with torch.no_grad():
+                return plain(xb)
+
+        times = time_interleaved({"plain": forward, **{k: (lambda g=g, xb=xb: g(xb)) for k, g in paths.items()}},
+                                 repeats, 5)
+        base = times["plain"]["cpu"]
+        rows.append({"arch": arch, "batch": batch, "plain_ms": 1e3 * statistics.median(base),
+                     **{k: 100 * (statistics.median([g / p for g, p in zip(times[k]["cpu"], base)]) - 1)
+                        for k in paths}})
+        log(f"crossover {arch} b={batch}: " + "; ".join(f"{k} {rows[-1][k]:+.1f}%" for k in paths))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", default="resnet20,resnet18_cifar")
     p.add_argument("--batches", default="1,16,32")
     p.add_argument("--rule", default=DEFAULT_RULE, help=f"scoring rule (default {DEFAULT_RULE})")
     p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--crossover-batches", default="1,4,8,16,32")
+    p.add_argument("--crossover-repeats", type=int, default=40)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", default=None, help="accepted for bench/run_all.py; the profile uses random inputs")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
@@ -180,9 +221,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             log(f"{arch} b={batch}: plain {row['plain_ms']:.2f} ms; " + "; ".join(
                 f"{k} +{row[k]['added_pct']:.1f}%" for k in VARIANTS))
+    cross = [row for arch in args.archs.split(",")
+             for row in crossover(arch, args.rule, [int(b) for b in args.crossover_batches.split(",")],
+                                  args.crossover_repeats)]
     path = write_result("guard_profile", {"command": command_line(), "date": now_utc(), "machine": machine_info(),
                                           "allocator": ALLOCATOR_NOTE if held else "glibc defaults",
-                                          "repeats": args.repeats, "rows": rows}, args.out)
+                                          "repeats": args.repeats, "rows": rows,
+                                          "crossover": {"repeats": args.crossover_repeats,
+                                                        "keep_whole_up_to": KEEP_WHOLE_UP_TO, "rows": cross}},
+                        args.out)
     log(f"wrote {path}")
     return 0
 

@@ -45,7 +45,8 @@ QUICK_ARGS = {
     "reference_share": ["--datasets", "gtsrb", "--seeds", "1", "--shares", "0.2", "--folds", "10",
                         "--n-benign", "1000"],
     "overhead": ["--repeats", "10", "--peer-repeats", "3", "--calib-per-class", "12"],
-    "guard_profile": ["--repeats", "5", "--archs", "resnet20"],
+    "guard_profile": ["--repeats", "5", "--archs", "resnet20", "--crossover-repeats", "3", "--crossover-batches",
+                      "1,32"],
     "calibration_cost": ["--sizes", "200,400"],
     "serving_load": ["--requests", "100", "--rounds", "1", "--warmup", "20", "--archs", "resnet20"],
 }
@@ -875,7 +876,23 @@ def profile_section(gp: dict[str, Any]) -> list[str]:
                    "share of the arithmetic: short, wide matrix products run at a lower rate per multiply-add than "
                    "the convolutions do. Within a 3% budget at batch 32 on resnet20, the similarities alone leave "
                    "little for the rule, the verdicts and the response.")
-    return lines + ["", note, ""]
+    return lines + ["", note, ""] + crossover_section(gp.get("crossover"))
+
+
+def crossover_section(cross: dict[str, Any] | None) -> list[str]:
+    """Hooks against kept outputs, paired, by batch size: the measurement behind KEEP_WHOLE_UP_TO."""
+    if not cross or not cross.get("rows"):
+        return []
+    paths = ["full, hooks", "full, kept", "compact, hooks", "compact, kept"]
+    lines = ["#### Reduce in the hooks, or keep the outputs and reduce after the pass?", "",
+             "The whole guarded path of bench/overhead.py (forward pass, verdicts, notes) both ways, CPU time added "
+             f"to the plain pass (median over {cross['repeats']} rounds of the per-round ratio). Serving keeps the "
+             f"outputs up to {cross['keep_whole_up_to']} rows (`KEEP_WHOLE_UP_TO`, layerguard/core/grouped.py) "
+             "and reduces in the hooks above.", ""]
+    rows = [[r["arch"], str(r["batch"]), num(r["plain_ms"], 2)] + [f"{r[k]:+.1f}%" for k in paths]
+            for r in cross["rows"]]
+    lines += table(["model", "batch", "plain ms (CPU)", *paths], rows)
+    return lines + [""]
 
 
 def rule_note(entries: Any) -> str:

@@ -4,10 +4,10 @@ Why a second way to reduce: inside a hook, each monitored layer is reduced on it
 layer. At serving batch sizes those ops cost their dispatch, not their arithmetic, so seven monitored layers
 pay for some thirty ops. After the forward pass, layers of the same shape (the blocks of one ResNet stage) can
 be reduced as one batch, and the predicted class is known, so the cosine needs one centroid per item instead of
-every class's. Measured on the CIFAR ResNet-20 and ResNet-18 (bench/guard_profile.py, "keep + score" against
-"+ score"): cheaper up to batch 16, no cheaper at batch 32, where the activations are large and reducing each one
-while it is still in cache catches up. `KEEP_WHOLE_UP_TO` is that crossover; `LayerCapture(keep_whole_up_to=...)`
-applies it.
+every class's. Measured on the CIFAR ResNet-20 and ResNet-18 (bench/guard_profile.py's crossover: the whole
+guarded path both ways, paired against the plain pass): cheaper up to batch 16, no cheaper at batch 32, where the
+activations are large and reducing each one while it is still in cache catches up. `KEEP_WHOLE_UP_TO` is that
+crossover; `LayerCapture(keep_whole_up_to=...)` applies it.
 
 The result is the same as the hooks' reductions (the rules' reductions are row by row; tested), only computed
 in fewer ops.

@@ -16,6 +16,7 @@ setup(
         "numpy>=1.24",
         "pillow>=9",
         "pyyaml>=6",
+        "threadpoolctl>=3.1",
         "torchserve==0.12.0",
         "torch-model-archiver==0.12.0",
     ],

@@ -329,9 +329,9 @@ def forward_all(model: torch.nn.Module, detectors: dict[str, Any], x: np.ndarray
             pen.append(feats[PEER_LAYER].float().reshape(len(xb), -1).clone())
             for key, det in detectors.items():
                 d = det.score({n: feats[n] for n in det.layer_names}, p)
-                parts[key]["scores"].append(d.scores.numpy())
-                parts[key]["terms"].append(d.terms.numpy())
-                parts[key]["sims"].append(d.similarities.numpy())
+                parts[key]["scores"].append(d.scores)
+                parts[key]["terms"].append(d.terms)
+                parts[key]["sims"].append(d.similarities)
     return {"pred": np.concatenate(pred), "pen": torch.cat(pen),
             **{key: {k: np.concatenate(v) for k, v in p.items()} for key, p in parts.items()}}
 

@@ -54,6 +54,7 @@ from bench.benchutil import (  # noqa: E402
 from bench.models import build_model  # noqa: E402
 from layerguard.core.capture import LayerCapture  # noqa: E402
 from layerguard.core.grouped import KEEP_WHOLE_UP_TO  # noqa: E402
+from layerguard.core.host import match_blas_threads  # noqa: E402
 from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
 from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
 from layerguard.tooling.calibration import CalibrationConfig, calibrate  # noqa: E402
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    match_blas_threads()  # numpy's BLAS within the same threads, as in a guarded worker
     held = hold_freed_memory()
     rows = []
     for arch in args.archs.split(","):

@@ -54,6 +54,7 @@ from layerguard.core.artifact import CalibrationArtifact  # noqa: E402
 from layerguard.core.capture import LayerCapture  # noqa: E402
 from layerguard.core.detector import Detector  # noqa: E402
 from layerguard.core.grouped import KEEP_WHOLE_UP_TO  # noqa: E402
+from layerguard.core.host import match_blas_threads  # noqa: E402
 from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
 from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
 from layerguard.tooling.calibration import CalibrationConfig, calibrate  # noqa: E402
@@ -272,6 +273,7 @@ def peer_costs(
 def memory_child(arch: str, artifact_path: str | None, batch: int, steps: int, threads: int) -> dict[str, Any]:
     """Runs in a subprocess: RSS after loading the model, after loading the detector, and the peak while serving."""
     torch.set_num_threads(threads)
+    match_blas_threads()
     model, _ = load_bench_model(arch)
     x = torch.rand(batch, 3, 32, 32)
     with torch.no_grad():
@@ -365,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    match_blas_threads()  # numpy's BLAS within the same threads, as in a guarded worker
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.artifact, args.batch_child, args.steps, args.threads)))
         return 0

@@ -1,5 +1,5 @@
 """The guarded .mar serves in a fresh virtual environment holding only the serving dependencies
-(torch, torchserve, numpy, pillow, pyyaml): no layerguard install, no torch-model-archiver."""
+(torch, torchserve, numpy, pillow, pyyaml, threadpoolctl): no layerguard install, no torch-model-archiver."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torchserve_util import ROOT, TorchServe, digit_pngs, guarded_archives
 
 SERVING_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "torchserve==0.12.0", "numpy", "pillow",
-                        "pyyaml"]
+                        "pyyaml", "threadpoolctl"]
 VENV = ROOT / "build" / "serving-venv"
 
 

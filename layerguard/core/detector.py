@@ -22,6 +22,7 @@ import torch
 
 from .capture import LayerCapture
 from .grouped import GroupedReduction
+from .host import host
 from .rules import ScoringRule, create_rule
 from .rules.base import FitError, LayerStatistics
 from .similarity import CosineProfile, layer_of_interest
@@ -56,15 +57,15 @@ class DetectorSpec:
 
 @dataclass
 class Detection:
-    """Per-item results of one batch, all tensors on the CPU."""
+    """Per-item results of one batch, numpy arrays on the host."""
 
-    predicted: torch.Tensor  # [B] class used for scoring
-    similarities: torch.Tensor | None  # [B, K] cosine similarity to the predicted class's centroid per layer
-    terms: torch.Tensor  # [B, T] the rule's per-layer terms
-    scores: torch.Tensor  # [B]
-    thresholds: torch.Tensor  # [B]
-    layer_of_interest: torch.Tensor  # [B] index into layer_names
-    poisoned: torch.Tensor  # [B] bool
+    predicted: np.ndarray  # [B] int64 class used for scoring
+    similarities: np.ndarray | None  # [B, K] cosine similarity to the predicted class's centroid per layer
+    terms: np.ndarray  # [B, T] the rule's per-layer terms
+    scores: np.ndarray  # [B] float32
+    thresholds: np.ndarray  # [B] float32
+    layer_of_interest: np.ndarray  # [B] index into layer_names
+    poisoned: np.ndarray  # [B] bool
 
     def items(self, layer_names: tuple[str, ...], term_names: tuple[str, ...], compact: bool = False) -> list[dict]:
         """JSON-ready annotations for the whole batch: one conversion to Python lists, not one per value.
@@ -74,7 +75,7 @@ class Detection:
         columns = [self.scores[:, None], self.thresholds[:, None]]
         if not compact:
             columns += [self.similarities, self.terms] if with_sims else [self.terms]
-        rows = _rounded(torch.cat(columns, dim=1))  # one conversion for every number of the batch
+        rows = _rounded(np.concatenate(columns, axis=1))  # one conversion for every number of the batch
         poisoned, lois = self.poisoned.tolist(), self.layer_of_interest.tolist()
         k = len(layer_names)
         notes = []
@@ -103,7 +104,6 @@ class Detector:
         self.loi = np.asarray(loi, dtype=np.int64)
         self.benign = benign
         self.sim_mean, self.sim_std, self.counts = sim_mean, sim_std, counts
-        self._loi_t = torch.as_tensor(self.loi)
         self._grouped: GroupedReduction | None = None
         self.set_policy(policy)
 
@@ -111,7 +111,7 @@ class Detector:
         """Threshold under another policy (serving's model-config.yaml override): no refit needed."""
         self.policy = policy
         self.thresholds = self.benign.thresholds(policy)
-        self._thresholds_t = torch.as_tensor(self.thresholds, dtype=torch.float32)
+        self._thresholds32 = self.thresholds.astype(np.float32)
 
     def to(self, device: torch.device | str) -> Detector:
         self.profile = CosineProfile(self.layer_names, self.profile.centroids, device)
@@ -137,29 +137,31 @@ class Detector:
 
         return reduce
 
-    def _classes(self, predicted: torch.Tensor) -> torch.Tensor:
-        """The predicted classes as int64 on the detector's device, refused when outside the calibrated ones."""
-        classes = predicted.detach().to(torch.int64)
-        if classes.numel():
-            low, high = torch.aminmax(classes)
-            if int(low) < 0 or int(high) >= self.num_classes:
-                raise ValueError(f"predicted class outside 0..{self.num_classes - 1}")
-        return classes.to(self.profile.device)
+    def _classes(self, predicted: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The predicted classes as int64 on the host, refused when outside the calibrated ones."""
+        classes = host(predicted).astype(np.int64, copy=False)
+        listed = classes.tolist()  # Python's min and max: cheaper than numpy's on a few values
+        if listed and (min(listed) < 0 or max(listed) >= self.num_classes):
+            raise ValueError(f"predicted class outside 0..{self.num_classes - 1}")
+        return classes
 
-    def _verdicts(self, ruled: dict[str, Any], classes: torch.Tensor, sims: torch.Tensor | None) -> Detection:
-        terms = self.rule.terms(ruled, classes, sims)
-        scores = self.rule.combine(terms, classes).cpu()
-        cpu = classes.cpu()
-        thresholds = self._thresholds_t.index_select(0, cpu)
-        return Detection(predicted=cpu, similarities=None if sims is None else sims.cpu(), terms=terms.cpu(),
-                         scores=scores, thresholds=thresholds, layer_of_interest=self._loi_t.index_select(0, cpu),
-                         poisoned=scores < thresholds)
+    def _on_device(self, classes: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(classes).to(self.profile.device)
+
+    def _verdicts(self, ruled: dict[str, Any], classes: np.ndarray, sims: torch.Tensor | None) -> Detection:
+        """Terms, scores and verdicts on the host, from the rule's reductions and the similarities (torch)."""
+        sims_np = None if sims is None else host(sims)
+        terms = self.rule.terms({n: host(r) for n, r in ruled.items()}, classes, sims_np)
+        scores = self.rule.combine(terms, classes)
+        thresholds = self._thresholds32.take(classes)
+        return Detection(predicted=classes, similarities=sims_np, terms=terms, scores=scores, thresholds=thresholds,
+                         layer_of_interest=self.loi.take(classes), poisoned=scores < thresholds)
 
     def score_reduced(self, reduced: dict[str, tuple], predicted: torch.Tensor) -> Detection:
         """Verdicts for one batch from its reduced layer outputs (see `reducer`) and the predicted classes."""
         classes = self._classes(predicted)
         with_sims = all(reduced[n][0] is not None for n in self.layer_names)
-        sims = self.profile.similarities_from({n: reduced[n][0] for n in self.layer_names}, classes) \
+        sims = self.profile.similarities_from({n: reduced[n][0] for n in self.layer_names}, self._on_device(classes)) \
             if with_sims else None
         return self._verdicts({n: reduced[n][1] for n in self.layer_names}, classes, sims)
 
@@ -171,7 +173,8 @@ class Detector:
         classes = self._classes(predicted)
         if self._grouped is None:
             self._grouped = GroupedReduction(self.profile, self.rule)
-        ruled, sims = self._grouped.reduce(outputs, classes, self._needs_similarities(similarities))
+        with_sims = self._needs_similarities(similarities)
+        ruled, sims = self._grouped.reduce(outputs, self._on_device(classes) if with_sims else None, with_sims)
         return self._verdicts(ruled, classes, sims)
 
     def score_capture(self, capture: LayerCapture, predicted: torch.Tensor, similarities: bool = True) -> Detection:
@@ -333,10 +336,11 @@ class DetectorFitter:
             profile, rule = self._fold_models[f]
             sims_true = profile.similarities(part, part_labels)
             sims_pred = sims_true if torch.equal(part_labels, part_pred) else profile.similarities(part, part_pred)
-            reduced = {n: rule.reduce(n, t) for n, t in part.items()}
-            terms = rule.terms(reduced, part_pred.to(sims_pred.device), sims_pred)
-            self._oof.append((sims_true.cpu().numpy(), terms.cpu().numpy(), part_labels.cpu().numpy(),
-                              part_pred.cpu().numpy()))
+            reduced = {n: host(rule.reduce(n, t)) for n, t in part.items()}
+            sims_true_np, pred_np = host(sims_true), host(part_pred)
+            sims_pred_np = sims_true_np if sims_pred is sims_true else host(sims_pred)
+            terms = rule.terms(reduced, pred_np, sims_pred_np)
+            self._oof.append((sims_true_np, terms, host(part_labels), pred_np))
 
     def detector(self, policy: ThresholdPolicy) -> Detector:
         """Infer the combination and thresholds from the out-of-fold results; return the fitted detector."""
@@ -358,15 +362,13 @@ class DetectorFitter:
                        dtype=np.int64)
         profile, rule = self._full
         rule.fit_combination(terms, scored_as, loi)
-        device = next(iter(profile.centroids.values())).device
-        scores = rule.combine(torch.from_numpy(terms).to(device, torch.float32),
-                              torch.from_numpy(scored_as).to(device)).cpu().numpy()
+        scores = rule.combine(terms.astype(np.float32), scored_as)
         benign = BenignScores(scores, scored_as, c, rule.per_class_thresholds)
         return Detector(self.spec, profile, rule, loi, benign, policy, sim_mean, sim_std, counts)
 
 
-def _rounded(t: torch.Tensor) -> list:
-    return np.round(t.numpy().astype(np.float64), ROUND_DECIMALS).tolist()
+def _rounded(values: np.ndarray) -> list:
+    return np.round(values.astype(np.float64), ROUND_DECIMALS).tolist()
 
 
 def _sum(accumulators) -> ClassSums:

@@ -18,8 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
+from .host import host
 from .rules.base import ScoringRule
 from .similarity import CosineProfile
 
@@ -29,10 +31,11 @@ KEEP_WHOLE_UP_TO = 16  # batches of at most this many rows are reduced after the
 
 
 def _split_rows(value: Any, parts: int) -> list[Any]:
-    """One reduction of `parts` stacked layers -> one per layer: tensors split along rows (views), tuples
+    """One reduction of `parts` stacked layers -> one per layer: arrays split along rows (views), tuples
     element by element, anything else (a position count, None) repeated."""
-    if isinstance(value, torch.Tensor):
-        return list(value.chunk(parts))
+    if isinstance(value, np.ndarray):
+        rows = value.shape[0] // parts
+        return [value[i * rows:(i + 1) * rows] for i in range(parts)]
     if isinstance(value, tuple):
         return [tuple(items) for items in zip(*(_split_rows(v, parts) for v in value))]
     return [value] * parts
@@ -82,7 +85,7 @@ class GroupedReduction:
             parts: Sequence[torch.Tensor] = [outputs[n] for n in names]
             stacked = torch.cat(parts) if len(parts) > 1 else parts[0]  # [G * B, ...]
             ruled = self.rule.reduce(names[0], stacked)
-            reduced.update(zip(names, _split_rows(ruled, len(names))))
+            reduced.update(zip(names, _split_rows(host(ruled), len(names))))  # to the host once per group
             if not similarities:
                 continue
             flat = stacked.reshape(len(names), parts[0].shape[0], -1)

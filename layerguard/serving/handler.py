@@ -32,6 +32,7 @@ from ..core.artifact import SIGNING_KEY_ENV, ArtifactError, CalibrationArtifact,
 from ..core.capture import LayerCapture, ModifiedInPlace
 from ..core.detector import Detector
 from ..core.grouped import KEEP_WHOLE_UP_TO
+from ..core.host import match_blas_threads
 from . import metrics as m
 from .inner import GuardLoadError, device_of, guardable_model, load_inner_handler, overrides_handle
 from .inputs import (
@@ -102,6 +103,7 @@ class LayerGuardHandler:
         self.artifact = CalibrationArtifact.load(artifact_path, read_signing_key(key_file) if key_file else None)
         self.artifact.check_model(self.model)
         self.detector = self.artifact.detector(self.policy.threshold, device=self.device)
+        match_blas_threads()  # scoring's numpy half stays within the worker's torch threads (core/host.py)
         self.max_image_pixels = self.policy.max_image_pixels or default_max_pixels(self.artifact.meta.input_shape)
         limit_image_pixels(self.max_image_pixels)  # after the inner handler: the guard's limit wins
         self.capture = LayerCapture(self.model, self.artifact.layer_names, capture_output=self.delegates_handle,

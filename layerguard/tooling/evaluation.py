@@ -45,7 +45,7 @@ def score_batches(model: nn.Module, detector: Detector, batches: Iterable[tuple[
             det = detector.score(feats, logits.argmax(dim=1))
             parts["labels"].append(np.asarray(y))
             for key in ("predicted", "scores", "thresholds", "poisoned", "similarities", "terms"):
-                parts[key].append(getattr(det, key).numpy())
+                parts[key].append(getattr(det, key))
     if not parts["labels"]:
         raise ValueError("no images to score")
     return ScoredSet(**{k: np.concatenate(v) for k, v in parts.items()})

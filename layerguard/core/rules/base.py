@@ -8,6 +8,10 @@ A rule is fitted in two steps, both from benign references only:
    references the statistics were not fitted on), e.g. the paper's layer of interest per class.
 Scores are benign-likeness: lower is more suspicious. Thresholds are not a rule's business (thresholds.py).
 
+Where the work runs: `reduce` is torch, on the model's device, because it reads whole activations. Everything
+after it (`terms`, `combine`) is numpy on the host, on a few hundred numbers per input (why: core/host.py). A
+fitted rule's state is numpy for the same reason.
+
 A new rule is one file defining a subclass, plus one line in rules/__init__.py's registry; the artifact
 stores whatever `arrays()` returns and the report draws `terms` by layer, so neither needs an edit.
 """
@@ -91,7 +95,8 @@ class ScoringRule(ABC):
 
     def reduce(self, name: str, output: torch.Tensor) -> Any:
         """What the rule needs of one layer's output, as small as possible: a tensor or a tuple of tensors (serving
-        computes it inside the layer's hook, so the activation itself is not kept). None: nothing of this layer."""
+        computes it inside the layer's hook, so the activation itself is not kept). None: nothing of this layer.
+        `terms` receives it as numpy (`core.host.host`)."""
         return None
 
     def reduction_key(self, name: str) -> Hashable:
@@ -106,10 +111,10 @@ class ScoringRule(ABC):
         return None
 
     @abstractmethod
-    def terms(self, reduced: dict[str, torch.Tensor | None], classes: torch.Tensor,
-              similarities: torch.Tensor) -> torch.Tensor:
-        """[B, len(term_names)] per-layer terms of a batch against the given classes, from `reduce`'s output
-        per layer (the cosine similarities are given: rules built on them need not recompute them)."""
+    def terms(self, reduced: dict[str, Any], classes: np.ndarray, similarities: np.ndarray | None) -> np.ndarray:
+        """[B, len(term_names)] float32 per-layer terms of a batch against the given classes (int64), from
+        `reduce`'s output per layer as numpy (`core.host.host`); the [B, K] cosine similarities are given when
+        computed, so rules built on them need not recompute them."""
 
     @abstractmethod
     def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:
@@ -117,8 +122,8 @@ class ScoringRule(ABC):
         per-class layer of interest from the cosine profile."""
 
     @abstractmethod
-    def combine(self, terms: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """[B] scores from [B, K] terms: benign-likeness, lower is more suspicious."""
+    def combine(self, terms: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """[B] float32 scores from [B, T] terms: benign-likeness, lower is more suspicious."""
 
     # ---- persistence ----
     @abstractmethod
@@ -130,7 +135,7 @@ class ScoringRule(ABC):
         """Restore the fitted state from `arrays()`'s output."""
 
     def to(self, device: torch.device | str) -> ScoringRule:
-        """Move any tensors of the state to `device` (rules keeping numpy only need not override)."""
+        """Move any tensors `reduce` reads to `device` (the rules here read none: their state is numpy)."""
         return self
 
     @staticmethod

@@ -33,7 +33,7 @@ class CosineLoiRule(ScoringRule):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loi = np.zeros(self.num_classes, dtype=np.int64)
-        self._windows = torch.zeros(self.num_classes, len(self.layer_names))
+        self._windows = np.zeros((self.num_classes, len(self.layer_names)), dtype=np.float32)
 
     def new_statistics(self, features: dict[str, torch.Tensor]) -> LayerStatistics | None:
         return None  # the cosine profile's centroids are this rule's whole state
@@ -47,23 +47,18 @@ class CosineLoiRule(ScoringRule):
     def reduction_key(self, name: str) -> Hashable:
         return None  # nothing of any layer: the cosine profile is all this rule reads
 
-    def terms(self, reduced, classes, similarities) -> torch.Tensor:
+    def terms(self, reduced, classes, similarities) -> np.ndarray:
         return similarities
 
     def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:
         self.load_arrays({"loi": np.asarray(loi, dtype=np.int64)})
 
-    def combine(self, terms: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return (terms * self._windows.to(terms.device)[classes.to(terms.device)]).sum(dim=1)
+    def combine(self, terms: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        return (terms * self._windows.take(classes, axis=0)).sum(axis=1)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"loi": self.loi}
 
     def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
         self.loi = np.asarray(arrays["loi"], dtype=np.int64)
-        windows = torch.as_tensor(window_matrix(len(self.layer_names)), dtype=torch.float32)
-        self._windows = windows[torch.as_tensor(self.loi)]
-
-    def to(self, device):
-        self._windows = self._windows.to(device)
-        return self
+        self._windows = window_matrix(len(self.layer_names)).astype(np.float32)[self.loi]

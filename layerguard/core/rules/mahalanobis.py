@@ -25,7 +25,8 @@ from ..similarity import pool
 from ..stats import ClassScatter
 from .base import FitError, LayerStatistics, ScoringRule
 
-__all__ = ["PACKED_MAX_WIDTH", "MahalanobisRule", "PackedLayers", "oas_shrinkage"]
+__all__ = ["PACKED_MAX_WIDTH", "MahalanobisRule", "PackedLayers", "layer_indicator", "oas_shrinkage",
+           "sqrt_clamped"]
 
 # Up to this total pooled width (all monitored layers), the precision is applied as one block-diagonal matrix
 # (4 MiB at most, one matmul); wider ones (ResNet-18's 1674, ResNet-50's stages) one matmul per layer on its
@@ -40,16 +41,26 @@ class PackedLayers:
     block-diagonal [W, W] matrix (`dense`, narrow layer sets) or per layer ((start, stop, [D, D]) slices).
     At serving batch sizes the op count, not the arithmetic, is what scoring costs (bench/guard_profile.py)."""
 
-    means: torch.Tensor
-    blocks: torch.Tensor
-    dense: torch.Tensor | None
-    layers: list[tuple[int, int, torch.Tensor]]
+    means: np.ndarray
+    blocks: np.ndarray
+    dense: np.ndarray | None
+    layers: list[tuple[int, int, np.ndarray]]
 
-    def precision_times(self, diff: torch.Tensor) -> torch.Tensor:
+    def precision_times(self, diff: np.ndarray) -> np.ndarray:
         """[B, W] -> [B, W]: diff @ block_diag(P_1, ..., P_K)."""
         if self.dense is not None:
             return diff @ self.dense
-        return torch.cat([diff[:, a:b] @ p for a, b, p in self.layers], dim=1)
+        return np.concatenate([diff[:, a:b] @ p for a, b, p in self.layers], axis=1)
+
+
+def layer_indicator(widths: list[int]) -> np.ndarray:
+    """[sum(widths), K] float32 with a 1 where feature w belongs to layer k: sums each layer's block in one matmul."""
+    return np.repeat(np.eye(len(widths), dtype=np.float32), widths, axis=0)
+
+
+def sqrt_clamped(x: np.ndarray) -> np.ndarray:
+    """sqrt(max(x, 0)) in place: a sum of squares that rounding took just below zero counts as zero."""
+    return np.sqrt(np.maximum(x, 0.0, out=x), out=x)
 
 
 def oas_shrinkage(cov: torch.Tensor, n: float) -> float:
@@ -77,14 +88,14 @@ class MahalanobisRule(ScoringRule):
         if self.options["reference"] not in ("predicted", "nearest"):
             raise ValueError("mahalanobis option reference must be predicted or nearest, got "
                              f"{self.options['reference']!r}")
-        self.means: dict[str, torch.Tensor] = {}
-        self.precisions: dict[str, torch.Tensor] = {}
+        self.means: dict[str, np.ndarray] = {}  # [C, D] float32 per layer
+        self.precisions: dict[str, np.ndarray] = {}  # [D, D] float32 per layer
         self._term_set = frozenset(self.term_layers)
         self._groups: list | None = None
         self._packed: PackedLayers | None = None
         self.term_mean = np.zeros(len(self.term_layers))
         self.term_std = np.ones(len(self.term_layers))
-        self._standardise = (torch.tensor(0.0), -torch.ones(len(self.term_layers)))
+        self._standardise = (np.float32(0.0), -np.ones(len(self.term_layers), dtype=np.float32))
 
     @property
     def term_layers(self) -> tuple[str, ...]:
@@ -114,8 +125,8 @@ class MahalanobisRule(ScoringRule):
                                "covariance can be fitted; monitor other layers with --layers or use --rule cosine-loi")
             rho = oas_shrinkage(cov, n)
             shrunk = (1.0 - rho) * cov + rho * scale * torch.eye(cov.shape[0], dtype=cov.dtype)
-            self.means[name] = acc.means().to(torch.float32)
-            self.precisions[name] = torch.linalg.inv(shrunk).to(torch.float32)
+            self.means[name] = acc.means().numpy().astype(np.float32)
+            self.precisions[name] = torch.linalg.inv(shrunk).numpy().astype(np.float32)
         self._groups = self._packed = None
 
     def reduction_key(self, name: str) -> Hashable:
@@ -127,7 +138,7 @@ class MahalanobisRule(ScoringRule):
         pooled = pool(output)
         return pooled if pooled.dtype == torch.float32 else pooled.float()
 
-    def _layer_groups(self) -> list[tuple[list[int], list[str], torch.Tensor, torch.Tensor]]:
+    def _layer_groups(self) -> list[tuple[list[int], list[str], np.ndarray, np.ndarray]]:
         """Layers of equal width, stacked (for the nearest-class reference): one batched matmul per width instead
         of a few ops per layer (at serving batch sizes the per-op dispatch, not the arithmetic, is the cost)."""
         if self._groups is None:
@@ -137,46 +148,44 @@ class MahalanobisRule(ScoringRule):
             self._groups = []
             for idx in by_width.values():
                 names = [self.term_layers[i] for i in idx]
-                self._groups.append((idx, names, torch.stack([self.means[n] for n in names]),
-                                     torch.stack([self.precisions[n] for n in names])))
+                self._groups.append((idx, names, np.stack([self.means[n] for n in names]),
+                                     np.stack([self.precisions[n] for n in names])))
         return self._groups
 
     def _packed_layers(self) -> PackedLayers:
-        """All layers side by side, built once per fit and device (see `PackedLayers`)."""
+        """All layers side by side, built once per fit (see `PackedLayers`)."""
         if self._packed is None:
             widths = [int(self.means[n].shape[1]) for n in self.term_layers]
-            device = self.means[self.term_layers[0]].device
-            # [W, K] with a 1 where pooled feature w belongs to layer k: sums each layer's block in one matmul
-            layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
-            blocks = torch.nn.functional.one_hot(layer_of, len(widths)).to(device, torch.float32)
             precisions = [self.precisions[n] for n in self.term_layers]
-            dense = torch.block_diag(*precisions) if sum(widths) <= PACKED_MAX_WIDTH else None
+            dense = None
+            if sum(widths) <= PACKED_MAX_WIDTH:
+                dense = np.zeros((sum(widths), sum(widths)), dtype=np.float32)
+                for a, b, p in zip(np.cumsum([0, *widths[:-1]]), np.cumsum(widths), precisions):
+                    dense[a:b, a:b] = p
             starts = np.cumsum([0, *widths])
-            self._packed = PackedLayers(torch.cat([self.means[n] for n in self.term_layers], dim=1), blocks, dense,
+            self._packed = PackedLayers(np.concatenate([self.means[n] for n in self.term_layers], axis=1),
+                                        layer_indicator(widths), dense,
                                         [(int(a), int(b), p) for a, b, p in zip(starts[:-1], starts[1:], precisions)])
         return self._packed
 
-    def terms(self, reduced, classes, similarities) -> torch.Tensor:
+    def terms(self, reduced, classes, similarities) -> np.ndarray:
         if self.options["reference"] == "nearest":
             return self._nearest_terms(reduced)
         packed = self._packed_layers()
-        diff = torch.cat([reduced[n] for n in self.term_layers], dim=1) - packed.means[classes.to(packed.means.device)]
-        return ((packed.precision_times(diff) * diff) @ packed.blocks).clamp_min_(0.0).sqrt_()
+        diff = np.concatenate([reduced[n] for n in self.term_layers], axis=1) - packed.means.take(classes, axis=0)
+        return sqrt_clamped((packed.precision_times(diff) * diff) @ packed.blocks)
 
-    def _nearest_terms(self, reduced) -> torch.Tensor:
+    def _nearest_terms(self, reduced) -> np.ndarray:
         """Distance to the nearest class mean per layer: every class's distance, one batched product per width."""
         batch = next(reduced[n] for n in self.term_layers).shape[0]
-        d2 = None
+        d2 = np.empty((batch, len(self.term_layers)), dtype=np.float32)
         for idx, names, mu, prec in self._layer_groups():
-            feats = torch.stack([reduced[n] for n in names])  # [G, B, D]
-            fp = torch.bmm(feats, prec)
-            every = ((fp * feats).sum(2)[:, :, None] - 2.0 * torch.bmm(fp, mu.transpose(1, 2))
-                     + ((torch.bmm(mu, prec) * mu).sum(2))[:, None, :])  # [G, B, C]
-            part = every.min(dim=2).values
-            if d2 is None:
-                d2 = part.new_empty((len(self.term_layers), batch))
-            d2[idx] = part
-        return d2.T.clamp_min(0.0).sqrt()
+            feats = np.stack([reduced[n] for n in names])  # [G, B, D]
+            fp = feats @ prec
+            every = ((fp * feats).sum(2)[:, :, None] - 2.0 * (fp @ mu.transpose(0, 2, 1))
+                     + ((mu @ prec) * mu).sum(2)[:, None, :])  # [G, B, C]
+            d2[:, idx] = every.min(axis=2).T
+        return sqrt_clamped(d2)
 
     def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:
         self._set_standardisation(terms.mean(axis=0), np.maximum(terms.std(axis=0), 1e-6))
@@ -184,33 +193,23 @@ class MahalanobisRule(ScoringRule):
     def _set_standardisation(self, mean: np.ndarray, std: np.ndarray) -> None:
         self.term_mean, self.term_std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
         # -sum_l (t_l - mean_l) / std_l  =  bias + t @ weights: one op per batch
-        self._standardise = (torch.tensor(float((self.term_mean / self.term_std).sum()), dtype=torch.float32),
-                             torch.as_tensor(-1.0 / self.term_std, dtype=torch.float32))
+        self._standardise = (np.float32((self.term_mean / self.term_std).sum()),
+                             (-1.0 / self.term_std).astype(np.float32))
 
-    def combine(self, terms: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def combine(self, terms: np.ndarray, classes: np.ndarray) -> np.ndarray:
         bias, weights = self._standardise
-        if weights.device != terms.device or weights.dtype != terms.dtype:
-            bias, weights = bias.to(terms.device, terms.dtype), weights.to(terms.device, terms.dtype)
-        return torch.addmv(bias.expand(terms.shape[0]), terms, weights)
+        return terms @ weights + bias
 
     # ---- persistence ----
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"term_mean": self.term_mean, "term_std": self.term_std}
         for name in self.term_layers:
-            out[f"mean/{name}"] = self.means[name].cpu().numpy()
-            out[f"precision/{name}"] = self.precisions[name].cpu().numpy()
+            out[f"mean/{name}"] = self.means[name]
+            out[f"precision/{name}"] = self.precisions[name]
         return out
 
     def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
         self._set_standardisation(arrays["term_mean"], arrays["term_std"])
-        self.means = {n: torch.from_numpy(np.asarray(arrays[f"mean/{n}"], dtype=np.float32)) for n in self.term_layers}
-        self.precisions = {n: torch.from_numpy(np.asarray(arrays[f"precision/{n}"], dtype=np.float32))
-                           for n in self.term_layers}
+        self.means = {n: np.asarray(arrays[f"mean/{n}"], dtype=np.float32) for n in self.term_layers}
+        self.precisions = {n: np.asarray(arrays[f"precision/{n}"], dtype=np.float32) for n in self.term_layers}
         self._groups = self._packed = None
-
-    def to(self, device):
-        self.means = {n: t.to(device) for n, t in self.means.items()}
-        self.precisions = {n: t.to(device) for n, t in self.precisions.items()}
-        self._standardise = tuple(t.to(device) for t in self._standardise)
-        self._groups = self._packed = None
-        return self

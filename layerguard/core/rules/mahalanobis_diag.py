@@ -25,7 +25,7 @@ import torch
 
 from ..stats import ClassScatter
 from .base import LayerStatistics
-from .mahalanobis import MahalanobisRule
+from .mahalanobis import MahalanobisRule, sqrt_clamped
 
 __all__ = ["DIAGONAL_SHRINKAGE", "MahalanobisDiagRule", "diagonal_inverse_sd"]
 
@@ -33,13 +33,13 @@ DIAGONAL_SHRINKAGE = 0.5  # sd_k^2 = (1 - w) * class variance + w * pooled varia
 DIAGONAL_SUFFIX = "/diagonal-z"
 
 
-def diagonal_inverse_sd(acc: ClassScatter) -> torch.Tensor:
+def diagonal_inverse_sd(acc: ClassScatter) -> np.ndarray:
     """[C, W] 1 / sd_k per class and feature: half the class's own variance, half the pooled within-class
     variance (so a class with few references stays usable), floored for a feature constant within every class."""
     pooled = torch.diagonal(acc.tied_covariance())
     var = (1.0 - DIAGONAL_SHRINKAGE) * acc.class_variances() + DIAGONAL_SHRINKAGE * pooled[None, :]
     floor = max(float(pooled.mean()), 1e-12) * 1e-6
-    return var.clamp(min=floor).rsqrt().to(torch.float32)
+    return var.clamp(min=floor).rsqrt().numpy().astype(np.float32)
 
 
 class MahalanobisDiagRule(MahalanobisRule):
@@ -51,14 +51,12 @@ class MahalanobisDiagRule(MahalanobisRule):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.inv_sd: dict[str, torch.Tensor] = {}
+        self.inv_sd: dict[str, np.ndarray] = {}  # [C, D] float32 per layer
         self.diag_mean = np.zeros(len(self.term_layers))
         self.diag_std = np.ones(len(self.term_layers))
         self.view_stats = np.array([0.0, 1.0, 0.0, 1.0])  # mean, std of S_maha; mean, std of S_diag
-        self._diag_packed: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._view_t: tuple[torch.Tensor, ...] = ()
-        self._fused_combine: tuple[torch.Tensor, ...] | None = None
-        self._set_views()
+        self._diag_packed: tuple[np.ndarray, np.ndarray] | None = None
+        self._fused_combine: tuple | None = None
 
     @property
     def term_names(self) -> tuple[str, ...]:
@@ -76,17 +74,11 @@ class MahalanobisDiagRule(MahalanobisRule):
         super().fit_combination(terms[:, :k], labels, loi)
         diag = terms[:, k:]
         self.diag_mean, self.diag_std = diag.mean(axis=0), np.maximum(diag.std(axis=0), 1e-6)
-        self._set_views()
-        t = torch.from_numpy(terms).to(torch.float32)
-        s_maha = super().combine(t[:, :k], torch.zeros(0)).double().numpy()
-        s_diag = self._diag_score(t[:, k:]).double().numpy()
+        self._fused_combine = None
+        t = terms.astype(np.float32)
+        s_maha = super().combine(t[:, :k], labels).astype(np.float64)
+        s_diag = self._diag_score(t[:, k:]).astype(np.float64)
         self.view_stats = np.array([s_maha.mean(), max(s_maha.std(), 1e-6), s_diag.mean(), max(s_diag.std(), 1e-6)])
-        self._set_views()
-
-    def _set_views(self) -> None:
-        self._view_t = (torch.as_tensor(self.diag_mean, dtype=torch.float32),
-                        torch.as_tensor(1.0 / self.diag_std, dtype=torch.float32),
-                        torch.as_tensor(self.view_stats, dtype=torch.float32))
         self._fused_combine = None
 
     def _set_standardisation(self, mean: np.ndarray, std: np.ndarray) -> None:
@@ -94,33 +86,33 @@ class MahalanobisDiagRule(MahalanobisRule):
         self._fused_combine = None
 
     # ---- score ----
-    def _class_columns(self) -> list[torch.Tensor]:
+    def _class_columns(self) -> list[np.ndarray]:
         """[C, *] per-class constants that scoring gathers for each item's class, all in one index op: the pooled
         features' means of every layer side by side [C, W], then their inverse sds [C, W] (subclasses append)."""
         return [self._packed_layers().means, *(self.inv_sd[n] for n in self.term_layers)]
 
-    def _diag_layers(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _diag_layers(self) -> tuple[np.ndarray, np.ndarray]:
         """(the class columns side by side; [2W, 2K] the matrix that turns [quadratic form | squared z] per pooled
         feature into both views' terms per layer: the Mahalanobis sum, and the mean of squared z, i.e. the layer
         indicator over its width)."""
         if self._diag_packed is None:
             blocks = self._packed_layers().blocks
-            self._diag_packed = (torch.cat(self._class_columns(), dim=1),
-                                 torch.block_diag(blocks, blocks / blocks.sum(dim=0)))
+            both = np.zeros((2 * blocks.shape[0], 2 * blocks.shape[1]), dtype=np.float32)
+            both[:blocks.shape[0], :blocks.shape[1]] = blocks
+            both[blocks.shape[0]:, blocks.shape[1]:] = blocks / blocks.sum(axis=0)
+            self._diag_packed = (np.concatenate(self._class_columns(), axis=1), both)
         return self._diag_packed
 
-    def _gather(self, reduced, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, reduced, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """([B, W] the monitored layers' pooled features side by side, [B, *] each item's class columns)."""
         class_rows, _ = self._diag_layers()
-        return (torch.cat([reduced[n] for n in self.term_layers], dim=1),
-                class_rows.index_select(0, classes.to(class_rows.device)))  # not [classes]: 5x cheaper on CPU
+        return np.concatenate([reduced[n] for n in self.term_layers], axis=1), class_rows.take(classes, axis=0)
 
-    def terms(self, reduced, classes, similarities) -> torch.Tensor:
+    def terms(self, reduced, classes, similarities) -> np.ndarray:
         features, rows = self._gather(reduced, classes)
         return self._both_views(features, rows, reduced, classes, similarities)
 
-    def _both_views(self, features: torch.Tensor, rows: torch.Tensor, reduced, classes, similarities
-                    ) -> torch.Tensor:
+    def _both_views(self, features: np.ndarray, rows: np.ndarray, reduced, classes, similarities) -> np.ndarray:
         """[B, 2K]: the Mahalanobis distance and the RMS z-score per layer, from `_gather`'s output."""
         packed = self._packed_layers()
         width = packed.means.shape[1]
@@ -130,41 +122,39 @@ class MahalanobisDiagRule(MahalanobisRule):
         if self.options["reference"] == "nearest":
             maha = super().terms(reduced, classes, similarities)
             k = len(self.term_layers)
-            return torch.cat([maha, ((z * z) @ both_sums[width:, k:]).sqrt_()], dim=1)
+            return np.concatenate([maha, sqrt_clamped((z * z) @ both_sums[width:, k:])], axis=1)
         # Both views from one difference and one layer-sum matmul: at serving batch sizes the op count, not
         # the arithmetic, is what scoring costs (bench/guard_profile.py)
-        quad = torch.cat([packed.precision_times(diff) * diff, z * z], dim=1)
-        return (quad @ both_sums).clamp_min_(0.0).sqrt_()
+        quad = np.concatenate([packed.precision_times(diff) * diff, z * z], axis=1)
+        return sqrt_clamped(quad @ both_sums)
 
-    def _diag_score(self, diag_terms: torch.Tensor) -> torch.Tensor:
-        mean, inv_std, _ = (t.to(diag_terms.device, diag_terms.dtype) for t in self._view_t)
-        return -((diag_terms - mean) * inv_std).amax(dim=1)
+    def _diag_score(self, diag_terms: np.ndarray) -> np.ndarray:
+        return -((diag_terms - self.diag_mean.astype(np.float32)) / self.diag_std.astype(np.float32)).max(axis=1)
 
-    def _combine_constants(self, device, dtype) -> tuple:
+    def _combine_constants(self) -> tuple:
         """The combination with every constant folded in: score = c + t_maha @ w - a * max_l(t_diag_l * u_l - v_l),
         with w = weights / s1, c = (bias - m1) / s1 - m2 / s2, u = 1 / diag_std, v = diag_mean / diag_std and
         a = 1 / s2 (see the module docstring): four ops per batch."""
-        if self._fused_combine is None or self._fused_combine[0].device != torch.device(device) \
-                or self._fused_combine[0].dtype != dtype:
+        if self._fused_combine is None:
             bias, weights = self._standardise
             m1, s1, m2, s2 = (float(v) for v in self.view_stats)
-            inv_std = torch.as_tensor(1.0 / self.diag_std, dtype=torch.float64)
-            self._fused_combine = (*(t.to(device, dtype) for t in (
-                torch.tensor((float(bias) - m1) / s1 - m2 / s2, dtype=torch.float64),
-                weights.to(torch.float64) / s1, inv_std, -torch.as_tensor(self.diag_mean) * inv_std)), 1.0 / s2)
+            inv_std = 1.0 / self.diag_std
+            self._fused_combine = (np.float32((float(bias) - m1) / s1 - m2 / s2),
+                                   (weights.astype(np.float64) / s1).astype(np.float32), inv_std.astype(np.float32),
+                                   (-self.diag_mean * inv_std).astype(np.float32), np.float32(1.0 / s2))
         return self._fused_combine
 
-    def combine(self, terms: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def combine(self, terms: np.ndarray, classes: np.ndarray) -> np.ndarray:
         k = len(self.term_layers)
-        const, weights, inv_std, shift, scale = self._combine_constants(terms.device, terms.dtype)
-        worst = torch.addcmul(shift, terms[:, k:], inv_std).amax(dim=1)
-        return torch.addmv(const.expand(terms.shape[0]), terms[:, :k], weights).sub_(worst, alpha=scale)
+        const, weights, inv_std, shift, scale = self._combine_constants()
+        worst = (terms[:, k:2 * k] * inv_std + shift).max(axis=1)
+        return terms[:, :k] @ weights + const - scale * worst
 
     # ---- persistence ----
     def arrays(self) -> dict[str, np.ndarray]:
         out = super().arrays()
         out.update({"diag_mean": self.diag_mean, "diag_std": self.diag_std, "view_stats": self.view_stats})
-        out.update({f"inv_sd/{n}": self.inv_sd[n].cpu().numpy() for n in self.term_layers})
+        out.update({f"inv_sd/{n}": self.inv_sd[n] for n in self.term_layers})
         return out
 
     def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -172,14 +162,5 @@ class MahalanobisDiagRule(MahalanobisRule):
         self.diag_mean = np.asarray(arrays["diag_mean"], dtype=np.float64)
         self.diag_std = np.asarray(arrays["diag_std"], dtype=np.float64)
         self.view_stats = np.asarray(arrays["view_stats"], dtype=np.float64)
-        self.inv_sd = {n: torch.from_numpy(np.asarray(arrays[f"inv_sd/{n}"], dtype=np.float32))
-                       for n in self.term_layers}
-        self._diag_packed = None
-        self._set_views()
-
-    def to(self, device):
-        super().to(device)
-        self.inv_sd = {n: t.to(device) for n, t in self.inv_sd.items()}
-        self._view_t = tuple(t.to(device) for t in self._view_t)
+        self.inv_sd = {n: np.asarray(arrays[f"inv_sd/{n}"], dtype=np.float32) for n in self.term_layers}
         self._diag_packed = self._fused_combine = None
-        return self

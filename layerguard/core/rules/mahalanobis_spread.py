@@ -28,6 +28,7 @@ import torch
 
 from ..stats import ClassScatter
 from .base import LayerStatistics
+from .mahalanobis import layer_indicator, sqrt_clamped
 from .mahalanobis_diag import MahalanobisDiagRule, diagonal_inverse_sd
 
 __all__ = ["SPREAD_SUFFIX", "MahalanobisSpreadRule", "channel_moments", "channel_spread", "spread_from_moments"]
@@ -55,8 +56,11 @@ def channel_moments(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, i
     return mean, norm, math.prod(output.shape[2:])
 
 
-def spread_from_moments(mean: torch.Tensor, norm: torch.Tensor, inv_positions: torch.Tensor | float) -> torch.Tensor:
-    """Population standard deviation sqrt(|x|^2 / n - mean^2), clamped at 0 against rounding."""
+def spread_from_moments(mean, norm, inv_positions):
+    """Population standard deviation sqrt(|x|^2 / n - mean^2), clamped at 0 against rounding (torch tensors or
+    numpy arrays: calibration fits on the first, serving scores on the second)."""
+    if isinstance(mean, np.ndarray):
+        return sqrt_clamped(norm * norm * inv_positions - mean * mean)
     return torch.addcmul(norm.square().mul_(inv_positions), mean, mean, value=-1.0).clamp_min_(0.0).sqrt_()
 
 
@@ -76,14 +80,14 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.spread_layers: tuple[str, ...] = ()
-        self.spread_means: dict[str, torch.Tensor] = {}
-        self.spread_inv_sd: dict[str, torch.Tensor] = {}
+        self.spread_means: dict[str, np.ndarray] = {}  # [C, channels] float32 per spatial layer
+        self.spread_inv_sd: dict[str, np.ndarray] = {}
         self.spread_term_mean = np.zeros(0)
         self.spread_term_std = np.ones(0)
         self.spread_view = np.array([0.0, 1.0])  # mean, std of S_spread
-        self._spread_packed: torch.Tensor | None = None
-        self._spread_combine: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
-        self._inv_positions: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._spread_packed: np.ndarray | None = None
+        self._spread_combine: tuple[np.ndarray, np.ndarray, float, float] | None = None
+        self._inv_positions: tuple[tuple[int, ...], np.ndarray] | None = None
 
     @property
     def term_names(self) -> tuple[str, ...]:
@@ -114,7 +118,7 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
         self._set_spread_layers(tuple(n for n in self.term_layers if n + SPREAD_SUFFIX in stats.accumulators))
         for name in self.spread_layers:
             acc: ClassScatter = stats[name + SPREAD_SUFFIX]
-            self.spread_means[name] = acc.means().to(torch.float32)
+            self.spread_means[name] = acc.means().numpy().astype(np.float32)
             self.spread_inv_sd[name] = diagonal_inverse_sd(acc)
 
     def fit_combination(self, terms: np.ndarray, labels: np.ndarray, loi: np.ndarray) -> None:
@@ -125,7 +129,7 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
             return
         self.spread_term_mean, self.spread_term_std = spread.mean(axis=0), np.maximum(spread.std(axis=0), 1e-6)
         self._spread_combine = None
-        worst = self._worst_spread(torch.from_numpy(spread).to(torch.float32)).double().numpy()
+        worst = self._worst_spread(spread.astype(np.float32)).astype(np.float64)
         self.spread_view = np.array([-worst.mean(), max(worst.std(), 1e-6)])
         self._spread_combine = None
 
@@ -150,27 +154,27 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
             return None
         return torch.linalg.vector_norm(reduced[1], dim=1)
 
-    def _class_columns(self) -> list[torch.Tensor]:
+    def _class_columns(self) -> list[np.ndarray]:
         """The pooled views' class columns, then the spread means [C, S] and inverse sds [C, S] of all spatial
         layers side by side: one gather per batch for all three views."""
         columns = super()._class_columns()
         if self.spread_layers:
-            columns += [torch.cat([self.spread_means[n] for n in self.spread_layers], dim=1),
-                        torch.cat([self.spread_inv_sd[n] for n in self.spread_layers], dim=1)]
+            columns += [np.concatenate([self.spread_means[n] for n in self.spread_layers], axis=1),
+                        np.concatenate([self.spread_inv_sd[n] for n in self.spread_layers], axis=1)]
         return columns
 
-    def _spread_layer_mean(self) -> torch.Tensor:
+    def _spread_widths(self) -> list[int]:
+        return [int(self.spread_means[n].shape[1]) for n in self.spread_layers]
+
+    def _spread_layer_mean(self) -> np.ndarray:
         """[S, L] the indicator of each spread feature's layer divided by that layer's width: every layer's mean
         squared z in one matmul."""
         if self._spread_packed is None:
-            widths = [int(self.spread_means[n].shape[1]) for n in self.spread_layers]
-            device = self.spread_means[self.spread_layers[0]].device
-            layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
-            blocks = torch.nn.functional.one_hot(layer_of, len(widths)).to(device, torch.float32)
-            self._spread_packed = blocks / torch.tensor(widths, dtype=torch.float32, device=device)
+            widths = self._spread_widths()
+            self._spread_packed = layer_indicator(widths) / np.asarray(widths, dtype=np.float32)
         return self._spread_packed
 
-    def terms(self, reduced, classes, similarities) -> torch.Tensor:
+    def terms(self, reduced, classes, similarities) -> np.ndarray:
         if not self.spread_layers:
             return super().terms(reduced, classes, similarities)
         pooled = dict(reduced)
@@ -191,45 +195,42 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
         spread_width = layer_mean.shape[0]
         # the spatial layers usually come first among the monitored ones: their channel means are then a slice
         means = features[:, :spread_width] if self.spread_layers == self.term_layers[:len(self.spread_layers)] \
-            else torch.cat([pooled[n] for n in self.spread_layers], dim=1)
-        spread = spread_from_moments(means, torch.cat(norms, dim=1),
-                                     self._inverse_positions(tuple(positions), layer_mean.device))
+            else np.concatenate([pooled[n] for n in self.spread_layers], axis=1)
+        spread = spread_from_moments(means, np.concatenate(norms, axis=1), self._inverse_positions(tuple(positions)))
         spread_rows = rows[:, 2 * features.shape[1]:]
         z = (spread - spread_rows[:, :spread_width]) * spread_rows[:, spread_width:]
-        return torch.cat([base, ((z * z) @ layer_mean).sqrt_()], dim=1)
+        return np.concatenate([base, sqrt_clamped((z * z) @ layer_mean)], axis=1)
 
-    def _inverse_positions(self, positions: tuple[int, ...], device) -> torch.Tensor:
+    def _inverse_positions(self, positions: tuple[int, ...]) -> np.ndarray:
         """[W] 1 / positions of each spread feature's layer, cached per feature-map size."""
-        if self._inv_positions is None or self._inv_positions[0] != positions \
-                or self._inv_positions[1].device != torch.device(device):
-            widths = [int(self.spread_means[n].shape[1]) for n in self.spread_layers]
-            per_layer = torch.tensor([1.0 / p for p in positions], dtype=torch.float32)
-            self._inv_positions = (positions, torch.repeat_interleave(per_layer, torch.tensor(widths)).to(device))
+        if self._inv_positions is None or self._inv_positions[0] != positions:
+            per_layer = np.asarray([1.0 / p for p in positions], dtype=np.float32)
+            self._inv_positions = (positions, np.repeat(per_layer, self._spread_widths()))
         return self._inv_positions[1]
 
-    def _spread_constants(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    def _spread_constants(self) -> tuple[np.ndarray, np.ndarray, float, float]:
         """(1 / std per layer, -mean / std per layer, m3, 1 / s3): S_spread's standardised form in three ops."""
-        if self._spread_combine is None or self._spread_combine[0].device != torch.device(device) \
-                or self._spread_combine[0].dtype != dtype:
-            inv_std = torch.as_tensor(1.0 / self.spread_term_std, dtype=torch.float64)
-            shift = -torch.as_tensor(self.spread_term_mean, dtype=torch.float64) * inv_std
-            self._spread_combine = (inv_std.to(device, dtype), shift.to(device, dtype),
+        if self._spread_combine is None:
+            inv_std = 1.0 / np.asarray(self.spread_term_std, dtype=np.float64)
+            shift = -np.asarray(self.spread_term_mean, dtype=np.float64) * inv_std
+            self._spread_combine = (inv_std.astype(np.float32), shift.astype(np.float32),
                                     float(self.spread_view[0]), 1.0 / float(self.spread_view[1]))
         return self._spread_combine
 
-    def _worst_spread(self, spread_terms: torch.Tensor) -> torch.Tensor:
+    def _worst_spread(self, spread_terms: np.ndarray) -> np.ndarray:
         """[B] the largest standardised spread term: -S_spread."""
-        inv_std, shift, _, _ = self._spread_constants(spread_terms.device, spread_terms.dtype)
-        return torch.addcmul(shift, spread_terms, inv_std).amax(dim=1)
+        inv_std, shift, _, _ = self._spread_constants()
+        return (spread_terms * inv_std + shift).max(axis=1)
 
-    def combine(self, terms: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def combine(self, terms: np.ndarray, classes: np.ndarray) -> np.ndarray:
         k = 2 * len(self.term_layers)
         score = super().combine(terms[:, :k], classes)
         if not self.spread_layers:
             return score
-        _, _, m3, inv_s3 = self._spread_constants(terms.device, terms.dtype)
+        _, _, m3, inv_s3 = self._spread_constants()
         # + (S_spread - m3) / s3 with S_spread = -worst
-        return score.sub_(self._worst_spread(terms[:, k:]).add_(m3), alpha=inv_s3)
+        score -= (self._worst_spread(terms[:, k:]) + np.float32(m3)) * np.float32(inv_s3)
+        return score
 
     # ---- persistence ----
     def arrays(self) -> dict[str, np.ndarray]:
@@ -238,8 +239,8 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
         out.update({"spread_term_mean": self.spread_term_mean, "spread_term_std": self.spread_term_std,
                     "spread_view": self.spread_view})
         for name in self.spread_layers:
-            out[f"spread_mean/{name}"] = self.spread_means[name].cpu().numpy()
-            out[f"spread_inv_sd/{name}"] = self.spread_inv_sd[name].cpu().numpy()
+            out[f"spread_mean/{name}"] = self.spread_means[name]
+            out[f"spread_inv_sd/{name}"] = self.spread_inv_sd[name]
         return out
 
     def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -249,14 +250,6 @@ class MahalanobisSpreadRule(MahalanobisDiagRule):
         self.spread_term_mean = np.asarray(arrays["spread_term_mean"], dtype=np.float64)
         self.spread_term_std = np.asarray(arrays["spread_term_std"], dtype=np.float64)
         self.spread_view = np.asarray(arrays["spread_view"], dtype=np.float64)
-        self.spread_means = {n: torch.from_numpy(np.asarray(arrays[f"spread_mean/{n}"], dtype=np.float32))
-                             for n in self.spread_layers}
-        self.spread_inv_sd = {n: torch.from_numpy(np.asarray(arrays[f"spread_inv_sd/{n}"], dtype=np.float32))
+        self.spread_means = {n: np.asarray(arrays[f"spread_mean/{n}"], dtype=np.float32) for n in self.spread_layers}
+        self.spread_inv_sd = {n: np.asarray(arrays[f"spread_inv_sd/{n}"], dtype=np.float32)
                               for n in self.spread_layers}
-
-    def to(self, device):
-        super().to(device)
-        self.spread_means = {n: t.to(device) for n, t in self.spread_means.items()}
-        self.spread_inv_sd = {n: t.to(device) for n, t in self.spread_inv_sd.items()}
-        self._spread_packed = self._spread_combine = self._inv_positions = None
-        return self

@@ -1170,8 +1170,9 @@ def render(results: Path = RESULTS_DIR, docs: Path = DOCS) -> str:
     if gp:
         lines += profile_section(gp)
     lines += ["### GPU", "", "Not measured: no session so far has had a GPU machine lent to it. The handler uses the "
-              "device TorchServe assigns (centroids, precision matrices and scoring on that device), but the serving "
-              "tests and the cost tables above ran on the CPU only.", ""]
+              "device TorchServe assigns for the forward pass and the reductions of each monitored output (pooling, "
+              "norms, the cosine against the centroids); what they leave, a few hundred numbers per input, is scored "
+              "in numpy on the host. The serving tests and the cost tables above ran on the CPU only.", ""]
     if sl:
         lines += serving_section(sl)
     if cal:

@@ -5,10 +5,10 @@ few hundred numbers per input, and the cost of scoring them is the number of ops
 op on such small arrays costs a fraction of a torch op's dispatch, and more so just after a forward pass, when
 both run with cold caches (measured by bench/guard_profile.py and bench/overhead.py; docs/benchmarks.md).
 
-Why the thread limit: numpy's OpenBLAS starts one thread per core by default, so a [32, 512] @ [512, 512]
-product ran on both cores of a 2-core machine (130 us wall, 259 us CPU) while torch used the one thread the
-worker was given. A TorchServe worker's CPU budget is its torch thread count; numpy's BLAS should stay within
-it. threadpoolctl (scikit-learn's) sets the limit for whichever BLAS numpy loaded.
+Why the thread limit: numpy's OpenBLAS starts one thread per core by default (unless OPENBLAS_NUM_THREADS or
+OMP_NUM_THREADS say otherwise), so the precision products of a large batch would spread over every core while
+torch keeps to the threads the worker was given. A worker's CPU budget is its torch thread count; numpy's BLAS
+should stay within it. threadpoolctl (scikit-learn's) sets the limit for whichever BLAS numpy loaded.
 """
 
 from __future__ import annotations

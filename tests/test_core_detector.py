@@ -540,3 +540,86 @@ def test_many_class_cosine_keeps_features_that_a_later_in_place_op_cannot_change
     with torch.no_grad():
         expected = profile.similarities({"a": net.a(x)}, cls)
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_shrunk_class_moments_halve_own_and_pooled_variance():
+    """mu_k is the class mean; sd_k^2 half the class's own variance and half the pooled within-class one; a
+    class with no reference gets the pooled mean and spread (never a zero sd)."""
+    from layerguard.core.rules.mahalanobis_spread_loi import shrunk_class_moments
+
+    values = np.array([1.0, 3.0, 10.0, 14.0, 12.0])
+    classes = np.array([0, 0, 1, 1, 1])
+    mean, inv_sd = shrunk_class_moments(values, classes, 3)
+    own = np.array([1.0, 8.0 / 3.0])
+    pooled = (1 + 1 + 4 + 4 + 0) / 5
+    assert np.allclose(mean[:2], [2.0, 12.0]) and mean[2] == pytest.approx(values.mean())
+    assert np.allclose(1 / inv_sd[:2] ** 2, 0.5 * own + 0.5 * pooled)
+    assert 1 / inv_sd[2] ** 2 == pytest.approx(pooled)
+
+
+def test_mahalanobis_spread_loi_adds_the_papers_score_as_a_fourth_view():
+    """score = mahalanobis-spread's score + ((s - mu_k) / sd_k - m4) / s4, s the sum of the similarities to
+    the predicted class k over its window LOI_k-2..LOI_k (the paper's score); terms end with the similarities."""
+    from layerguard.core.rules.mahalanobis_spread_loi import shrunk_class_moments
+
+    rng = np.random.default_rng(11)
+    layers = ("a", "b", "c", "d")
+    rule = create_rule("mahalanobis-spread-loi", layers, 3)
+    spread = create_rule("mahalanobis-spread", layers, 3)
+    for r in (rule, spread):
+        r._set_spread_layers(("a", "b"))
+    assert rule.term_names == spread.term_names + ("a/cosine", "b/cosine", "c/cosine", "d/cosine")
+    n, k_spread = 400, len(spread.term_names)
+    labels = rng.integers(0, 3, n)
+    sims = rng.uniform(0.2, 0.9, size=(n, 4)) + 0.1 * labels[:, None]
+    base = np.abs(rng.normal(2.0, 1.0, size=(n, k_spread)))
+    loi = np.array([3, 2, 1])
+    rule.fit_combination(np.c_[base, sims], labels, loi)
+    spread.fit_combination(base, labels, loi)
+    q_cls = np.array([0, 1, 2, 2, 0])
+    q_base = np.abs(rng.normal(2.0, 1.5, size=(5, k_spread))).astype(np.float32)
+    q_sims = rng.uniform(0.0, 0.9, size=(5, 4)).astype(np.float32)
+    window = window_matrix(4)[loi]
+    s_ref = (sims * window[labels]).sum(1)
+    mu, inv_sd = shrunk_class_moments(s_ref, labels, 3)
+    z_ref = (s_ref - mu[labels]) * inv_sd[labels]
+    z = ((q_sims * window[q_cls]).sum(1) - mu[q_cls]) * inv_sd[q_cls]
+    expected = spread.combine(q_base, q_cls) + (z - z_ref.mean()) / z_ref.std()
+    got = rule.combine(np.c_[q_base, q_sims].astype(np.float32), q_cls)
+    assert np.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # the view is centred on the references, so the whole score stays centred
+    assert abs(float(rule.combine(np.c_[base, sims].astype(np.float32), labels).mean())) < 1e-3
+    # a lower similarity in the window lowers the score; outside the window it changes nothing
+    lower = q_sims.copy()
+    lower[0, 3] -= 0.5  # class 0's LOI is layer 3: in its window
+    lower[1, 3] -= 0.5  # class 1's window is layers 0..2
+    moved = rule.combine(np.c_[q_base, lower].astype(np.float32), q_cls)
+    assert moved[0] < got[0] and moved[1] == pytest.approx(got[1])
+    # terms carry the similarities, and refuse to go without them
+    with pytest.raises(ValueError, match="scores the cosine similarities"):
+        rule.terms({}, q_cls, None)
+
+
+def test_mahalanobis_spread_loi_computes_similarities_for_compact_responses():
+    """A rule built on the cosine profile gets it even where the response leaves it out (compact), through
+    both reduction paths, and a saved detector scores the same."""
+    feats, y = _feature_maps(120, seed=8)
+    spec = DetectorSpec(rule="mahalanobis-spread-loi", layer_names=("m", "v"), num_classes=2, loi_search_start=1,
+                        penultimate="v", folds=4)
+    fitter = DetectorFitter(spec)
+    fitter.update(feats, y)
+    fitter.fit()
+    fitter.update_out_of_fold(feats, y)
+    det = fitter.detector(ThresholdPolicy())
+    query, _ = _feature_maps(6, seed=9, texture=2.0)
+    classes = torch.arange(6) % 2
+    full = det.score(query, classes)
+    reduce = det.reducer(similarities=False)
+    compact = det.score_reduced({n: reduce(n, query[n]) for n in det.layer_names}, classes)
+    kept = det.score_outputs(query, classes, similarities=False)
+    for other in (compact, kept):
+        assert np.allclose(other.scores, full.scores, atol=1e-5)
+        assert other.similarities is not None
+    again = Detector.from_arrays(det.spec, det.arrays(), det.policy)
+    assert np.allclose(again.score(query, classes).scores, full.scores, atol=1e-5)
+    assert np.array_equal(again.rule.loi, det.loi)

@@ -19,8 +19,9 @@ from layerguard.tooling.wrap import WrapConfig, WrapError, wrap_mar
 RUNTIME_MODULES = {"core/__init__", "core/artifact", "core/capture", "core/detector", "core/grouped", "core/host",
                    "core/layers", "core/stats", "core/thresholds", "core/similarity", "core/rules/__init__",
                    "core/rules/base", "core/rules/cosine_loi", "core/rules/mahalanobis", "core/rules/mahalanobis_diag",
-                   "core/rules/mahalanobis_spread", "serving/__init__", "serving/entry",
-                   "serving/handler", "serving/inner", "serving/inputs", "serving/metrics", "serving/policy"}
+                   "core/rules/mahalanobis_spread", "core/rules/mahalanobis_spread_loi", "serving/__init__",
+                   "serving/entry", "serving/handler", "serving/inner", "serving/inputs", "serving/metrics",
+                   "serving/policy"}
 
 
 @pytest.fixture(scope="module")

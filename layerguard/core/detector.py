@@ -121,7 +121,7 @@ class Detector:
 
     def _needs_similarities(self, similarities: bool) -> bool:
         """Whether the cosine profile is computed: when the response shows it, or the rule is built on it."""
-        return similarities or self.rule.name == "cosine-loi"
+        return similarities or self.rule.needs_similarities
 
     def reducer(self, similarities: bool = True):
         """`reduce(name, output)` for `LayerCapture(reducer=...)`: each layer's output is reduced to what

@@ -7,11 +7,13 @@ from .cosine_loi import CosineLoiRule
 from .mahalanobis import MahalanobisRule
 from .mahalanobis_diag import MahalanobisDiagRule
 from .mahalanobis_spread import MahalanobisSpreadRule
+from .mahalanobis_spread_loi import MahalanobisSpreadLoiRule
 
 __all__ = ["DEFAULT_RULE", "RULES", "FitError", "LayerStatistics", "ScoringRule", "create_rule", "parse_rule_options"]
 
 RULES: dict[str, type[ScoringRule]] = {rule.name: rule for rule in (CosineLoiRule, MahalanobisRule,
-                                                                     MahalanobisDiagRule, MahalanobisSpreadRule)}
+                                                                     MahalanobisDiagRule, MahalanobisSpreadRule,
+                                                                     MahalanobisSpreadLoiRule)}
 DEFAULT_RULE = "mahalanobis-spread"
 
 

@@ -57,6 +57,7 @@ class ScoringRule(ABC):
     term_label: ClassVar[str]  # what each per-layer term is, for the report and the docs
     option_defaults: ClassVar[Mapping[str, Any]] = {}
     per_class_thresholds: ClassVar[bool] = True  # False: scores are comparable across classes (one threshold)
+    needs_similarities: ClassVar[bool] = False  # True: `terms` reads the cosine profile, computed for every response
 
     def __init__(self, layer_names: tuple[str, ...], num_classes: int, options: Mapping[str, Any] | None = None,
                  penultimate: str | None = None) -> None:

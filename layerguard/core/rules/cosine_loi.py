@@ -29,6 +29,7 @@ class CosineLoiRule(ScoringRule):
     name = "cosine-loi"
     summary = "sum of cosine similarities to the predicted class's centroid at LOI-2..LOI (the paper)"
     term_label = "cosine similarity to the class centroid"
+    needs_similarities = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -1005,6 +1005,7 @@ def serving_arch_lines(one: dict[str, Any]) -> list[str]:
     worker = f", worker CPU per request x{cg['worker'] / cp['worker']:.3f}" if cp and cg and cp.get("worker") else ""
     lines += ["", f"Guarded / plain: throughput x{r['guarded_rps_ratio']:.3f}, p50 x{r['guarded_p50_ratio']:.3f}, "
               f"p99 x{r['guarded_p99_ratio']:.3f}{worker} (target: within 5%)."]
+    lines += formed_batches_lines(r, s)
     hp = one.get("handler_in_process")
     if hp:
         lines += ["", "The worker's share alone: each archive's handler called in one process (real "
@@ -1024,6 +1025,30 @@ def serving_arch_lines(one: dict[str, Any]) -> list[str]:
     if wb:
         lines += worker_breakdown_lines(wb)
     return lines + [""]
+
+
+def formed_batches_lines(r: dict[str, Any], setup: dict[str, Any]) -> list[str]:
+    """The batches TorchServe formed during the recorded rounds, from its HandlerTime metric (bench/serving_load.py's
+    `torchserve_batches`): batchSize is an upper bound, and the guard costs more per request in small batches."""
+    formed = {m: r[m].get("torchserve_batches") for m in ("plain", "guarded")}
+    if not all(formed.values()):
+        return []
+    p, g = formed["plain"], formed["guarded"]
+    sizes = sorted({int(k) for f in formed.values() for k in f["batch_sizes"]})
+    rows = [[m, str(f["batches"]), f"{f['mean_batch']:.2f}", *(str(f["batch_sizes"].get(str(n), 0)) for n in sizes),
+             num(f["handler_ms_per_request"], 2)] for m, f in formed.items()]
+    ratio = g["handler_ms_per_request"] / p["handler_ms_per_request"]
+    return ["", "Batches TorchServe formed in the recorded rounds (its HandlerTime metric, one line per batch with "
+            "the batch's request ids, in ts_log.log) and the handler's time per request it reports (wall time in "
+            "`handle`):", "",
+            *table(["archive", "batches", "requests per batch (mean)", *(f"batches of {n}" for n in sizes),
+                    "handler ms / request"], rows),
+            "", f"Handler time per request, guarded / plain: x{ratio:.3f}, at a mean batch of {p['mean_batch']:.1f} "
+            f"and {g['mean_batch']:.1f} requests against a batchSize of {setup['batch_size']}: with a closed loop of "
+            f"{setup['concurrency']} clients and {setup['max_batch_delay_ms']} ms of maxBatchDelay, many batches "
+            "leave before they fill, and the guard's share of a batch grows as the batch shrinks (the in-process "
+            "table below: batches of 1, 4 and 8). This ratio and the worker CPU per request above agree when the "
+            "worker's time outside `handle` (receiving, encoding, sending) costs both archives alike."]
 
 
 def worker_breakdown_lines(wb: dict[str, Any]) -> list[str]:

@@ -20,6 +20,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -433,10 +434,41 @@ def combine(phases: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_ms": 1000 * percentile(lat, 99),
         "mean_ms": 1000 * statistics.fmean(lat) if lat else float("nan"),
         "cpu_ms_per_request": {k: 1000 * v / done for k, v in cpu.items()},
+        "torchserve_batches": next((p["torchserve_batches"] for p in phases if "torchserve_batches" in p), None),
     }
 
 
 ARCH_LABEL = {"resnet20": "CIFAR ResNet-20", "resnet18_cifar": "ResNet-18, CIFAR stem"}
+
+# One line per batch a worker handled: TorchServe's HandlerTime metric, which carries the batch's request ids.
+HANDLER_TIME = re.compile(r"\[METRICS\]HandlerTime\.Milliseconds:([0-9.]+)\|#ModelName:([^,|]+),[^|]*\|#type:[A-Z]+"
+                          r"\|#hostname:[^,]+,[0-9]+,([^ ]*?),? pattern")
+
+
+def torchserve_batches(log_text: str) -> dict[str, dict[str, Any]]:
+    """Per model, the batches TorchServe actually formed and what its worker's handler took for them, from the
+    HandlerTime lines of ts_log.log. Why: with maxBatchDelay a few ms and a closed loop of clients, batches are
+    often smaller than batchSize, and the guard's share of a batch grows as the batch shrinks (the in-process
+    table); this says which batch sizes the load test really served. A line TorchServe logs twice counts once
+    (its request ids identify the batch)."""
+    seen: set[str] = set()
+    per_model: dict[str, list[tuple[int, float]]] = {}
+    for match in HANDLER_TIME.finditer(log_text):
+        ms, model, ids = float(match.group(1)), match.group(2), match.group(3)
+        if ids in seen:
+            continue
+        seen.add(ids)
+        per_model.setdefault(model, []).append((len([i for i in ids.split(",") if i]), ms))
+    out = {}
+    for model, batches in per_model.items():
+        requests = sum(n for n, _ in batches)
+        sizes: dict[str, int] = {}
+        for n, _ in sorted(batches):
+            sizes[str(n)] = sizes.get(str(n), 0) + 1
+        out[model] = {"batches": len(batches), "requests": requests, "mean_batch": requests / len(batches),
+                      "batch_sizes": sizes, "handler_ms_per_request": sum(ms for _, ms in batches) / requests}
+    return out
+
 
 
 def run_arch(arch: str, args: argparse.Namespace, reference: ArraySource, payloads: list[bytes]) -> dict[str, Any]:
@@ -515,6 +547,8 @@ def load_rounds(server: TorchServe, args: argparse.Namespace, payloads: list[byt
     for m in urls:
         pids[f"worker_{m}"] = worker_pids(server, f"cifar_{m}")
     phases: dict[str, list[dict[str, Any]]] = {"plain": [], "guarded": []}
+    ts_log = server.workdir / "logs" / "ts_log.log"
+    log_start = ts_log.stat().st_size if ts_log.is_file() else 0  # the recorded rounds only, not the warm-up
     for r in range(args.rounds):
         for m in ("plain", "guarded", "guarded", "plain"):
             before = cpu_snapshot(pids)
@@ -526,6 +560,13 @@ def load_rounds(server: TorchServe, args: argparse.Namespace, payloads: list[byt
             phases[m].append(res)
             log(f"[{arch}] round {r + 1} {m}: {res['ok'] / res['seconds']:.1f} rps, "
                 f"p50 {1000 * percentile(res['latencies'], 50):.1f} ms, errors {res['errors']}")
+    if ts_log.is_file():
+        with ts_log.open("rb") as f:
+            f.seek(log_start)
+            formed = torchserve_batches(f.read().decode("utf-8", "replace"))
+        for m in phases:
+            if f"cifar_{m}" in formed:
+                phases[m][0]["torchserve_batches"] = formed[f"cifar_{m}"]
     return phases
 
 

@@ -206,9 +206,17 @@ def _fake_results(root: Path) -> None:
                "cpu_ms_per_request": {"worker": 4.0, "frontend": 2.0, "client": 1.0}}
     setup = {"weights": "w.pt", "worker_threads": 1, "batch_size": 8, "max_batch_delay_ms": 5, "concurrency": 8,
              "requests_per_phase": 10, "rounds": 1, "order": "ABBA", "warmup_per_archive": 1, "calibration_images": 9}
+
+    def formed(sizes: dict[str, int], ms: float) -> dict:  # what serving_load.torchserve_batches returns
+        requests = sum(int(n) * k for n, k in sizes.items())
+        return {"batches": sum(sizes.values()), "requests": requests, "mean_batch": requests / sum(sizes.values()),
+                "batch_sizes": sizes, "handler_ms_per_request": ms}
+
     serving = {"command": "s", "date": "today", "machine": machine, "seconds": 3.0, "archs": {
         arch: {"setup": {**setup, "model": arch}, "handler_in_process": {},
-               "results": {"plain": archive, "guarded": {**archive, "rps": 100.0 * ratio},
+               "results": {"plain": {**archive, "torchserve_batches": formed({"2": 1, "6": 1}, 10.0)},
+                           "guarded": {**archive, "rps": 100.0 * ratio,
+                                       "torchserve_batches": formed({"2": 1, "8": 1}, 11.0)},
                            "guarded_rps_ratio": ratio, "guarded_p50_ratio": 1.0, "guarded_p99_ratio": 1.0}}
         for arch, ratio in (("small net", 0.9), ("big net", 0.99))}}
     root.mkdir(parents=True, exist_ok=True)
@@ -238,6 +246,9 @@ def test_render_builds_the_page_from_json_only(tmp_path: Path) -> None:
     assert "Not evaluated (no trained weights when this ran): SIG." in text
     assert "- TorchServe, small net, guarded vs plain .mar: throughput x0.900" in text  # one line per architecture
     assert "#### big net" in text and "throughput x0.990" in text
+    # the batches TorchServe formed: sizes from both archives as columns, and the handler's ratio per request
+    assert "| plain | 2 | 4.00 | 1 | 1 | 0 | 10.00 |" in text and "| guarded | 2 | 5.00 | 1 | 0 | 1 | 11.00 |" in text
+    assert "Handler time per request, guarded / plain: x1.100, at a mean batch of 4.0 and 5.0 requests" in text
     for img in ("detection_roc_cifar10.png", "detection_fpr_cifar10.png", "calibration_cost.png"):
         assert (tmp_path / "docs" / "img" / img).stat().st_size > 0
     assert "## Cost" not in text  # no overhead.json: its section is left out rather than invented
@@ -301,6 +312,27 @@ def test_serving_load_combine_and_cpu_reading() -> None:
     assert c["rps"] == pytest.approx(8 / 3) and c["requests"] == 8 and c["flagged"] == 2
     assert c["p50_ms"] == pytest.approx(25.0) and c["cpu_ms_per_request"]["worker"] == pytest.approx(2.0)
     assert cpu_seconds(os.getpid()) > 0 and np.isnan(cpu_seconds(None))
+
+
+def test_batches_torchserve_formed_are_read_from_its_handler_time_lines() -> None:
+    """Batch sizes come from the request ids on each HandlerTime line (TorchServe's own log format, copied from a
+    real ts_log.log); a line logged twice counts once; other metrics and models are kept apart."""
+    from bench.serving_load import torchserve_batches
+
+    def line(model: str, ms: float, ids: list[str], metric: str = "HandlerTime") -> str:
+        return (f"2026-12-02T19:08:18,242 [INFO ] W-9000-{model}_1.0-stdout org.pytorch.serve.wlm.WorkerLifeCycle - "
+                f"result=[METRICS]{metric}.Milliseconds:{ms}|#ModelName:{model},Level:Model|#type:GAUGE|"
+                f"#hostname:vm,1796238498,{','.join(ids)}, pattern=[METRICS]\n")
+
+    text = (line("cifar_plain", 84.5, ["a1", "a2", "a3"]) + line("cifar_plain", 84.5, ["a1", "a2", "a3"])
+            + line("cifar_plain", 30.0, ["b1"]) + line("cifar_plain", 99.0, ["c1"], metric="PredictionTime")
+            + line("cifar_guarded", 120.0, [f"g{i}" for i in range(8)]))
+    formed = torchserve_batches(text)
+    plain, guarded = formed["cifar_plain"], formed["cifar_guarded"]
+    assert plain["batches"] == 2 and plain["requests"] == 4 and plain["batch_sizes"] == {"1": 1, "3": 1}
+    assert plain["mean_batch"] == pytest.approx(2.0) and plain["handler_ms_per_request"] == pytest.approx(114.5 / 4)
+    assert guarded["batch_sizes"] == {"8": 1} and guarded["handler_ms_per_request"] == pytest.approx(15.0)
+    assert torchserve_batches("no metrics here") == {}
 
 
 def test_attack_is_rebuilt_with_the_training_settings() -> None:

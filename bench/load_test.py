@@ -51,9 +51,14 @@ if str(ROOT / "tests") not in sys.path:
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Served and offline scores of one image differ in float32 rounding: the server reduces small batches layer group
 # by layer group and large ones layer by layer, offline scoring one big batch; sums in another order differ by
-# about 1e-7 relative per feature, which far-out scores (-20 and below) amplify to 1e-5 relative.
+# about 1e-7 relative per feature. The worst case is a constant image (the 1x1 payload of
+# tests/test_reliability_input.py): its channels have almost no spatial spread, computed as
+# sqrt(|x|^2/n - mean^2), where the two moments' rounding is amplified. Over 3,000 random batch compositions of
+# that test's payloads its score (-22.94) moved by up to 5.0e-4 (2.2e-5 relative), every other payload's by
+# under 5e-6 relative; 1e-4 relative keeps a 4x margin and still tells one image's score from another's (the
+# distinct payloads' scores lie 1e-2 and more apart).
 SCORE_TOLERANCE = 1e-4
-SCORE_RELATIVE_TOLERANCE = 2e-5
+SCORE_RELATIVE_TOLERANCE = 1e-4
 
 
 def scores_agree(served: float, offline: float) -> bool:

@@ -15,6 +15,7 @@ Interface of every attack:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,22 @@ def _rng(rng: np.random.Generator | None) -> np.random.Generator:
 def _pick(candidates: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     n = min(int(n), len(candidates))
     return np.sort(rng.choice(candidates, size=n, replace=False)) if n > 0 else np.zeros(0, dtype=np.int64)
+
+
+def _poison_with_cover(x: np.ndarray, y: np.ndarray, target: int, rate: float, n_cover: int,
+                       poison: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+                       cover: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Poison-label set with cover samples (WaNet's noise mode, Adap-Blend's conservatism): `rate` of the set,
+    drawn from other classes, gets the trigger and the target label; `n_cover` of the rest get `cover` and keep
+    their labels, so the model learns that the trigger, not any distortion, means the target."""
+    pidx = _pick(np.flatnonzero(y != target), round(rate * len(x)), rng)
+    cidx = _pick(np.setdiff1d(np.arange(len(x)), pidx), n_cover, rng)
+    x, y = x.copy(), y.copy()
+    x[pidx] = poison(x[pidx], rng)
+    y[pidx] = target
+    x[cidx] = cover(x[cidx], rng)
+    return x, y, {"poison_idx": pidx, "cover_idx": cidx, "n_poison": len(pidx), "n_cover": len(cidx), "rate": rate}
 
 
 def _noise_image(seed: int, size: int = 32) -> np.ndarray:
@@ -186,24 +203,8 @@ class WaNet(Attack):
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         rng = _rng(rng)
         rate = self.rate if rate is None else rate
-        pidx = _pick(np.flatnonzero(y != self.target), round(rate * len(x)), rng)
-        rest = np.setdiff1d(np.arange(len(x)), pidx)
-        cidx = _pick(rest, round(self.cross_ratio * rate * len(x)), rng)
-        x, y = x.copy(), y.copy()
-        x[pidx] = self.apply(x[pidx], rng)
-        y[pidx] = self.target
-        x[cidx] = self.apply_noise(x[cidx], rng)
-        return (
-            x,
-            y,
-            {
-                "poison_idx": pidx,
-                "cover_idx": cidx,
-                "n_poison": len(pidx),
-                "n_cover": len(cidx),
-                "rate": rate,
-            },
-        )
+        return _poison_with_cover(x, y, self.target, rate, round(self.cross_ratio * rate * len(x)),
+                                  self.apply, self.apply_noise, rng)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -327,23 +328,8 @@ class AdapBlend(Attack):
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         rng = _rng(rng)
         rate = self.rate if rate is None else rate
-        pidx = _pick(np.flatnonzero(y != self.target), round(rate * len(x)), rng)
-        cidx = _pick(np.setdiff1d(np.arange(len(x)), pidx), round(self.cover_rate * len(x)), rng)
-        x, y = x.copy(), y.copy()
-        x[pidx] = self._masked(x[pidx], rng)
-        y[pidx] = self.target
-        x[cidx] = self._masked(x[cidx], rng)
-        return (
-            x,
-            y,
-            {
-                "poison_idx": pidx,
-                "cover_idx": cidx,
-                "n_poison": len(pidx),
-                "n_cover": len(cidx),
-                "rate": rate,
-            },
-        )
+        return _poison_with_cover(x, y, self.target, rate, round(self.cover_rate * len(x)),
+                                  self._masked, self._masked, rng)
 
     def params(self) -> dict[str, Any]:
         return {

@@ -79,3 +79,14 @@ def mnist_npz(mnist_dir: Path, mnist_splits: MnistSplits) -> dict[str, Path]:
         out[name] = mnist_dir / f"{name}.npz"
         np.savez(out[name], x=x, y=y)
     return out
+
+
+@pytest.fixture(scope="session")
+def archives(tmp_path_factory: pytest.TempPathFactory, backdoored_mnist: torch.nn.Module,
+             mnist_splits: MnistSplits) -> dict[str, Path]:
+    """The serving tests' model store: the plain MNIST archive and its guarded copies
+    (torchserve_util.guarded_archives), built once per session; a test that changes an archive writes the
+    changed copy into a store of its own."""
+    from torchserve_util import guarded_archives
+
+    return guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)

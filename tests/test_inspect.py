@@ -7,16 +7,9 @@ import json
 import zipfile
 
 import numpy as np
-import pytest
 import torch
-from torchserve_util import guarded_archives
 
 from layerguard.tooling import cli
-
-
-@pytest.fixture(scope="module")
-def archives(tmp_path_factory, backdoored_mnist, mnist_splits):
-    return guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
 
 
 def rewrite(mar, out, name, change):

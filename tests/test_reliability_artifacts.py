@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from torchserve_util import TorchServe, digit_pngs, guarded_archives
+from torchserve_util import TorchServe, digit_pngs
 
 from bench.load_test import THREAD_ENV
 from layerguard.core.artifact import DEFAULT_FILENAME, ArtifactMeta, CalibrationArtifact
@@ -28,11 +28,6 @@ from layerguard.serving.policy import ServingPolicy, parse_policy
 from layerguard.tooling.worker import set_requests
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def archives(tmp_path_factory, backdoored_mnist, mnist_splits):
-    return guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
 
 
 @pytest.fixture(scope="module")
@@ -238,13 +233,9 @@ def server(tmp_path_factory, archives):
     rewrite_mar(archives["guarded"], store / "broken.mar", (scratch / DEFAULT_FILENAME).read_bytes(),
                 on_missing_calibration="serve_unguarded")
     rewrite_mar(archives["guarded"], store / "unguarded.mar", None, on_missing_calibration="serve_unguarded")
-    ts = TorchServe(tmp_path_factory.mktemp("torchserve"), store, ["broken=broken.mar", "unguarded=unguarded.mar"],
-                    env=THREAD_ENV, wait_for=["unguarded", "broken"])
-    try:
-        ts.start()
+    with TorchServe(tmp_path_factory.mktemp("torchserve"), store, ["broken=broken.mar", "unguarded=unguarded.mar"],
+                    env=THREAD_ENV, wait_for=["unguarded", "broken"]) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def test_broken_archive_answers_503_promptly_and_the_metric_shows_it(server, images):

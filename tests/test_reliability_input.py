@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from torchserve_util import TorchServe, guarded_archives, png_bytes
+from torchserve_util import TorchServe, png_bytes
 
 from bench.load_test import THREAD_ENV, Payload, build_payloads, offline_verdicts, png_bomb, scores_agree
 
@@ -61,11 +61,6 @@ def bad_inputs(digit: np.ndarray) -> list[Payload]:
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory, backdoored_mnist, mnist_splits):
-    return guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
-
-
-@pytest.fixture(scope="module")
 def payloads(mnist_splits):
     """8 clean + 8 triggered digits, the first clean digit in other modes and sizes, and the bad inputs."""
     digits = build_payloads(mnist_splits, n_images=8)[:16]
@@ -80,13 +75,9 @@ def verdicts(archives, payloads):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, archives):
-    ts = TorchServe(tmp_path_factory.mktemp("torchserve"), archives["store"], [f"{MODEL}=mnist.mar"],
-                    env=THREAD_ENV)
-    try:
-        ts.start()
+    with TorchServe(tmp_path_factory.mktemp("torchserve"), archives["store"], [f"{MODEL}=mnist.mar"],
+                    env=THREAD_ENV) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")

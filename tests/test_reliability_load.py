@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from torchserve_util import TorchServe, guarded_archives
+from torchserve_util import TorchServe
 
 from bench.load_test import (
     THREAD_ENV,
@@ -28,11 +28,6 @@ UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory, backdoored_mnist, mnist_splits):
-    return guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
-
-
-@pytest.fixture(scope="module")
 def payloads(mnist_splits):
     return build_payloads(mnist_splits, n_images=60)
 
@@ -44,13 +39,9 @@ def verdicts(archives, payloads):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, archives):
-    ts = TorchServe(tmp_path_factory.mktemp("torchserve"), archives["store"], [f"{MODEL}=mnist.mar"],
-                    env=THREAD_ENV)
-    try:
-        ts.start()
+    with TorchServe(tmp_path_factory.mktemp("torchserve"), archives["store"], [f"{MODEL}=mnist.mar"],
+                    env=THREAD_ENV) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def token(server: TorchServe) -> str:

@@ -35,12 +35,8 @@ def server(tmp_path_factory, backdoored_mnist, mnist_splits):
     archives = guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
     store = tmp_path_factory.mktemp("kill-store")
     with_config(archives["guarded"], store / "mnist.mar", lambda c: c.update(maxBatchDelay=BATCH_DELAY_MS))
-    ts = TorchServe(tmp_path_factory.mktemp("torchserve"), store, [f"{MODEL}=mnist.mar"], env=THREAD_ENV)
-    try:
-        ts.start()
+    with TorchServe(tmp_path_factory.mktemp("torchserve"), store, [f"{MODEL}=mnist.mar"], env=THREAD_ENV) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")

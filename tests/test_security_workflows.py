@@ -94,12 +94,8 @@ def server(tmp_path_factory, backdoored_mnist, mnist_splits):
     archives = guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
     store = tmp_path_factory.mktemp("workflow-store")
     shutil.copy(archives["guarded"], store / "mnist.mar")
-    ts = TorchServe(tmp_path_factory.mktemp("torchserve"), store, ["mnist=mnist.mar"])
-    try:
-        ts.start()
+    with TorchServe(tmp_path_factory.mktemp("torchserve"), store, ["mnist=mnist.mar"]) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def management(server: TorchServe) -> str:

@@ -19,13 +19,9 @@ def images(mnist_splits):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, backdoored_mnist, mnist_splits):
     archives = guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
-    ts = TorchServe(tmp_path_factory.mktemp("torchserve"), archives["store"],
-                    ["mnist=mnist.mar", "mnist_reject=mnist_reject.mar"])
-    try:
-        ts.start()
+    with TorchServe(tmp_path_factory.mktemp("torchserve"), archives["store"],
+                    ["mnist=mnist.mar", "mnist_reject=mnist_reject.mar"]) as ts:
         yield ts
-    finally:
-        ts.stop()
     assert ts.process.poll() is not None
 
 
@@ -128,12 +124,9 @@ def custom_server(tmp_path_factory, backdoored_mnist, mnist_splits):
     guarded_with_handler(root, backdoored_mnist, mnist_splits, "mnist_own_handle.py", "own")
     guarded_with_handler(root, backdoored_mnist, mnist_splits, "mnist_postprocess_only.py", "post",
                          extra_handler=True)
-    ts = TorchServe(tmp_path_factory.mktemp("torchserve-custom"), root / "store", ["own=own.mar", "post=post.mar"])
-    try:
-        ts.start()
+    with TorchServe(tmp_path_factory.mktemp("torchserve-custom"), root / "store",
+                    ["own=own.mar", "post=post.mar"]) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def test_inner_handle_override_served_through_the_guard(custom_server, images):

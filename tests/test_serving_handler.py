@@ -12,18 +12,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from torchserve_util import build_original_mar, digit_pngs, guarded_archives, guarded_with_handler
+from torchserve_util import build_original_mar, digit_pngs, guarded_with_handler
 
 from layerguard.serving.entry import guard_for
 from layerguard.serving.inner import GuardLoadError, guardable_model, model_dir_imports
 from layerguard.tooling.data import ArraySource
 from layerguard.tooling.worker import set_requests
 from layerguard.tooling.wrap import WrapConfig, wrap_mar
-
-
-@pytest.fixture(scope="module")
-def archives(tmp_path_factory, backdoored_mnist, mnist_splits):
-    return guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 import yaml
-from torchserve_util import guarded_archives, png_bytes
+from torchserve_util import png_bytes
 
 from layerguard.core.artifact import CalibrationArtifact
 from layerguard.tooling import cli
@@ -22,11 +22,6 @@ RUNTIME_MODULES = {"core/__init__", "core/artifact", "core/capture", "core/detec
                    "core/rules/mahalanobis_spread", "core/rules/mahalanobis_spread_loi", "serving/__init__",
                    "serving/entry", "serving/handler", "serving/inner", "serving/inputs", "serving/metrics",
                    "serving/policy"}
-
-
-@pytest.fixture(scope="module")
-def archives(tmp_path_factory, backdoored_mnist, mnist_splits):
-    return guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
 
 
 def digest(path) -> str:

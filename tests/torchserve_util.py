@@ -219,6 +219,13 @@ class TorchServe:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['metrics']}/metrics"
 
+    def __enter__(self) -> TorchServe:
+        """`with TorchServe(...) as ts:` starts it, and stops it by PID on the way out, a failed test included."""
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def start(self, timeout: float = 120.0) -> TorchServe:
         self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.workdir / "tmp"

@@ -116,3 +116,19 @@ def minor_faults() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def round_ratios(a_phases: list[float], b_phases: list[float], phases_per_round: int = 2) -> list[float]:
+    """Per round of an interleaved benchmark (ABBA: each round runs A and B twice), B's throughput over A's.
+    Each phase serves the same number of requests, so a round's throughput is the harmonic mean of its
+    phases'. Why: on a shared machine the load drifts between rounds by more than the effect measured, so
+    the spread of these paired ratios says how far one run's overall ratio can be trusted."""
+    if len(a_phases) != len(b_phases) or not a_phases or len(a_phases) % phases_per_round:
+        raise ValueError(f"need whole rounds of {phases_per_round} phases each for both, got {len(a_phases)} "
+                         f"and {len(b_phases)}")
+
+    def harmonic(xs: list[float]) -> float:
+        return len(xs) / sum(1.0 / x for x in xs)
+
+    n = phases_per_round
+    return [harmonic(b_phases[i:i + n]) / harmonic(a_phases[i:i + n]) for i in range(0, len(a_phases), n)]

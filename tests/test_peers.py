@@ -335,6 +335,25 @@ def test_batches_torchserve_formed_are_read_from_its_handler_time_lines() -> Non
     assert torchserve_batches("no metrics here") == {}
 
 
+def test_round_ratios_pair_each_abba_round_and_render_their_spread() -> None:
+    """A round's throughput is the harmonic mean of its phases (equal requests per phase); the page shows every
+    round's paired ratio and their range next to the overall one, and nothing when there are no whole rounds."""
+    from bench.benchutil import round_ratios
+    from bench.run_all import round_range, round_spread
+
+    plain, guarded = [100.0, 300.0, 200.0, 200.0], [100.0, 100.0, 190.0, 210.0]
+    ratios = round_ratios(plain, guarded)
+    assert ratios == pytest.approx([100.0 / 150.0, (2 / (1 / 190 + 1 / 210)) / 200.0])
+    with pytest.raises(ValueError, match="whole rounds"):
+        round_ratios(plain[:3], guarded[:3])
+    r = {"plain": {"rps_per_phase": plain}, "guarded": {"rps_per_phase": guarded}}
+    text = round_spread(r, {"order": "plain, guarded, guarded, plain (ABBA)"})
+    assert "x0.667, x0.998" in text and "median x0.832, range x0.667-x0.998" in text
+    assert round_range(r) == "; per round x0.67-x1.00 over 2 rounds"
+    one = {"plain": {"rps_per_phase": [100.0]}, "guarded": {"rps_per_phase": [90.0]}}
+    assert round_spread(one, {"order": "ABBA"}) == "" and round_range(one) == ""
+
+
 def test_attack_is_rebuilt_with_the_training_settings() -> None:
     from bench.detection import attack_from_meta
 

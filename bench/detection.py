@@ -111,6 +111,8 @@ CONFIGS: list[RuleConfig] = [
                {"layers": "all", "reference": "predicted"}, exclude_logits=True),
     RuleConfig("mahalanobis-spread", "mahalanobis-spread (+ worst layer's channel-spread z)", "mahalanobis-spread",
                {"layers": "all", "reference": "predicted"}),
+    RuleConfig("mahalanobis-spread/no-logits", "mahalanobis-spread, exclude-logits", "mahalanobis-spread",
+               {"layers": "all", "reference": "predicted"}, exclude_logits=True),
     RuleConfig("mahalanobis-spread-loi", "mahalanobis-spread-loi (+ the paper's score, per-class z)",
                "mahalanobis-spread-loi", {"layers": "all", "reference": "predicted"}),
 ]

@@ -85,12 +85,13 @@ def load_bench_model(arch: str) -> tuple[torch.nn.Module, str]:
 
 
 def make_artifact(
-    model: torch.nn.Module, x: np.ndarray, y: np.ndarray, path: Path, rule: str = DEFAULT_RULE
+    model: torch.nn.Module, x: np.ndarray, y: np.ndarray, path: Path, rule: str = DEFAULT_RULE,
+    exclude_logits: bool = False,
 ) -> tuple[CalibrationArtifact, float]:
-    """Calibrate on the given images as shipped (``rule``, default threshold policy and folds) and save;
-    returns (artifact, seconds)."""
+    """Calibrate on the given images as shipped (``rule``, default threshold policy and folds; the default window,
+    or without the logits as `--exclude-logits` does) and save; returns (artifact, seconds)."""
     t0 = time.time()
-    plan = default_plan(discover_layers(model, to_tensor(x[:2])))
+    plan = default_plan(discover_layers(model, to_tensor(x[:2])), exclude_logits=exclude_logits)
 
     def batches():
         for i in range(0, len(x), 100):
@@ -356,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--models", default="resnet20,resnet18_cifar")
     p.add_argument("--rule", default=DEFAULT_RULE, help=f"scoring rule of the guarded model (default {DEFAULT_RULE})")
+    p.add_argument("--exclude-logits", action="store_true",
+                   help="monitor the default window without the logits, as `calibrate.py --exclude-logits` does")
     p.add_argument("--allocator", choices=("hold", "default"), default="hold",
                    help="hold: glibc keeps freed memory, so timings measure the work, not page faults (default); "
                    "default: glibc as it comes")
@@ -384,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         for arch in [m.strip() for m in args.models.split(",") if m.strip()]:
             model, source = load_bench_model(arch)
             path = Path(tmp) / f"{arch}.npz"
-            artifact, cal_s = make_artifact(model, x_cal, y_cal, path, args.rule)
+            artifact, cal_s = make_artifact(model, x_cal, y_cal, path, args.rule, args.exclude_logits)
             detector = artifact.detector()
             log(f"[{arch}] calibrated on {len(x_cal)} images in {cal_s:.0f}s; layers {artifact.layer_names}")
             entry: dict[str, Any] = {
@@ -393,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                 "params": sum(p.numel() for p in model.parameters()),
                 "layers": list(artifact.layer_names),
                 "rule": artifact.meta.rule,
+                "exclude_logits": args.exclude_logits,
                 "policy": artifact.meta.threshold,
                 "feature_dims": int(sum(c.shape[1] for c in detector.profile.centroids.values())),
                 "artifact_bytes": path.stat().st_size,

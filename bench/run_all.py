@@ -675,6 +675,16 @@ def _pyplot():
     return plt
 
 
+def distinct_colours(n: int) -> list[tuple[float, float, float]]:
+    """n colours no two alike, up to 20 (tab10's ten, then tab20's lighter ten): the figures carry a dozen rule
+    configurations plus the peers, and a repeated colour would make two legend entries indistinguishable."""
+    tab20 = _pyplot().get_cmap("tab20").colors
+    palette = list(tab20[0::2]) + list(tab20[1::2])
+    if n > len(palette):
+        raise ValueError(f"{n} series need distinct colours; the palette has {len(palette)}")
+    return palette[:n]
+
+
 def plot_roc(det: dict[str, Any], labels: dict[str, str], path: Path) -> bool:
     """One panel per backdoored model: TPR vs FPR (%, log x) of every rule configuration and every peer."""
     plt = _pyplot()
@@ -687,12 +697,13 @@ def plot_roc(det: dict[str, Any], labels: dict[str, str], path: Path) -> bool:
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols, height), squeeze=False)
     for ax in axes.flat[len(models):]:
         ax.set_visible(False)
-    colours = plt.get_cmap("tab10").colors
+    keys = list(dict.fromkeys(k for a in models for k in det["models"][a]["rules"]))
+    colours = dict(zip(keys + PEERS, distinct_colours(len(keys) + len(PEERS))))
     handles = {}
     for ax, a in zip(axes.flat, models):
         m = det["models"][a]
-        curves = [(labels.get(k, k), r, "-", colours[i % 10]) for i, (k, r) in enumerate(m["rules"].items())]
-        curves += [(n, m["peers"][n], "--", colours[(7 + i) % 10]) for i, n in enumerate(PEERS) if n in m["peers"]]
+        curves = [(labels.get(k, k), r, "-", colours[k]) for k, r in m["rules"].items()]
+        curves += [(n, m["peers"][n], "--", colours[n]) for n in PEERS if n in m["peers"]]
         for name, r, style, colour in curves:
             if "roc" not in r:
                 continue
@@ -723,7 +734,7 @@ def plot_fpr(det: dict[str, Any], labels: dict[str, str], path: Path) -> bool:
     keys = list(dict.fromkeys(k for m in det["models"].values() for k in m["rules"]))
     if not models or not keys:
         return False
-    colours = plt.get_cmap("tab10").colors
+    colours = distinct_colours(len(keys))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     width = 0.8 / len(keys)
     for ax, q in zip(axes, ("0.01", "0.05")):
@@ -733,7 +744,7 @@ def plot_fpr(det: dict[str, Any], labels: dict[str, str], path: Path) -> bool:
         for i, k in enumerate(keys):
             vals = [100 * det["models"][a]["rules"][k]["target_fpr"][q]["fpr"] if k in det["models"][a]["rules"]
                     else float("nan") for a in models]
-            ax.bar(np.arange(len(models)) + (i - (len(keys) - 1) / 2) * width, vals, width, color=colours[i % 10],
+            ax.bar(np.arange(len(models)) + (i - (len(keys) - 1) / 2) * width, vals, width, color=colours[i],
                    label=labels.get(k, k))
         ticks = ["clean" if model_attack(det, a) == "clean" else model_label(det, a) for a in models]
         tilt = len(models) > 6 or max(len(t) for t in ticks) > 12  # long labels ("BadNets (fine-tuned)") overlap
@@ -747,7 +758,7 @@ def plot_fpr(det: dict[str, Any], labels: dict[str, str], path: Path) -> bool:
     fig.suptitle(f"{dataset_label(det)}: FPR each threshold delivers", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend sits outside the axes: keep it whole
     plt.close(fig)
     return True
 

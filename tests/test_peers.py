@@ -354,6 +354,18 @@ def test_round_ratios_pair_each_abba_round_and_render_their_spread() -> None:
     assert round_spread(one, {"order": "ABBA"}) == "" and round_range(one) == ""
 
 
+def test_figures_give_every_series_its_own_colour() -> None:
+    """The detection figures carry a dozen rule configurations plus three peers; a colour used twice would make two
+    legend entries read as one, so the palette has 20 distinct colours and refuses to wrap."""
+    from bench.run_all import distinct_colours
+
+    colours = distinct_colours(15)
+    assert len(set(colours)) == 15
+    assert len(set(distinct_colours(20))) == 20
+    with pytest.raises(ValueError, match="distinct colours"):
+        distinct_colours(21)
+
+
 def test_attack_is_rebuilt_with_the_training_settings() -> None:
     from bench.detection import attack_from_meta
 

@@ -57,6 +57,16 @@ class BasicBlock(nn.Module):
         return self.relu_out(out + self.shortcut(x))
 
 
+def _add_head_and_init(model: nn.Module, features: int, num_classes: int) -> None:
+    """Both architectures end the same way: global average pool, flatten, one linear layer (`pool`, `fc`, the
+    names layerguard's default window and the saved weights use); convolutions get He initialisation."""
+    model.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.fc = nn.Linear(features, num_classes)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
 class CifarResNet(nn.Module):
     """norm -> stem -> layer1..layerK -> pool -> fc; every child is called once, in this order."""
 
@@ -77,11 +87,7 @@ class CifarResNet(nn.Module):
             name = f"layer{i + 1}"
             setattr(self, name, nn.Sequential(*layers))
             self.stage_names.append(name)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _add_head_and_init(self, in_planes, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(self.norm(x))
@@ -135,11 +141,7 @@ class CompactVGG(nn.Module):
                 setattr(self, name, nn.Sequential(*layers))
                 self.block_names.append(name)
                 in_planes = w
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _add_head_and_init(self, in_planes, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)

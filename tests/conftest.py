@@ -90,3 +90,25 @@ def archives(tmp_path_factory: pytest.TempPathFactory, backdoored_mnist: torch.n
     from torchserve_util import guarded_archives
 
     return guarded_archives(tmp_path_factory.mktemp("serving"), backdoored_mnist, mnist_splits)
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory: pytest.TempPathFactory, archives: dict[str, Path]):
+    """A real TorchServe on 127.0.0.1 serving the guarded MNIST archive as `mnist`, one per test module (the
+    load and bad-input modules each count their own metrics), stopped by its PID when the module ends."""
+    from torchserve_util import TorchServe
+
+    from bench.load_test import THREAD_ENV
+
+    with TorchServe(tmp_path_factory.mktemp("torchserve"), archives["store"], ["mnist=mnist.mar"],
+                    env=THREAD_ENV) as ts:
+        yield ts
+
+
+@pytest.fixture(scope="module")
+def served_verdicts(archives: dict[str, Path], payloads) -> list:
+    """What the guarded archive's handler answers offline for the module's own `payloads` fixture: the verdicts
+    the served answers must reproduce."""
+    from bench.load_test import offline_verdicts
+
+    return offline_verdicts(archives["guarded"], payloads)

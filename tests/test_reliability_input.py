@@ -19,7 +19,7 @@ import requests
 from PIL import Image
 from torchserve_util import TorchServe, png_bytes
 
-from bench.load_test import THREAD_ENV, Payload, build_payloads, offline_verdicts, png_bomb, scores_agree
+from bench.load_test import Payload, build_payloads, png_bomb, scores_agree
 
 MODEL = "mnist"
 COUNTERS = ("LayerGuardInputsChecked", "LayerGuardInputsFlagged", "LayerGuardInvalidInputs", "LayerGuardErrors")
@@ -69,18 +69,6 @@ def payloads(mnist_splits):
 
 
 @pytest.fixture(scope="module")
-def verdicts(archives, payloads):
-    return offline_verdicts(archives["guarded"], payloads)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, archives):
-    with TorchServe(tmp_path_factory.mktemp("torchserve"), archives["store"], [f"{MODEL}=mnist.mar"],
-                    env=THREAD_ENV) as ts:
-        yield ts
-
-
-@pytest.fixture(scope="module")
 def tally():
     """What the counters must have gained over the module: filled in by the tests that send requests."""
     return dict.fromkeys(COUNTERS, 0)
@@ -99,10 +87,10 @@ def count(tally: dict, response: requests.Response) -> None:
         tally["LayerGuardInvalidInputs"] += 1
 
 
-def test_each_bad_input_gets_its_own_4xx_and_neighbours_are_answered(server, payloads, verdicts, tally):
-    pid = server.worker_pids(MODEL)
+def test_each_bad_input_gets_its_own_4xx_and_neighbours_are_answered(guarded_server, payloads, served_verdicts, tally):
+    pid = guarded_server.worker_pids(MODEL)
     with ThreadPoolExecutor(len(payloads)) as pool:  # all at once: bad and good share batches
-        responses = list(pool.map(lambda p: post(server, p), payloads))
+        responses = list(pool.map(lambda p: post(guarded_server, p), payloads))
     for r in responses:
         count(tally, r)
     for i, (payload, r) in enumerate(zip(payloads, responses)):
@@ -113,17 +101,17 @@ def test_each_bad_input_gets_its_own_4xx_and_neighbours_are_answered(server, pay
             assert r.headers["content-type"] == "application/json", payload.name
             assert set(body) == {"error", "reason"} and body["reason"], (payload.name, body)
             continue
-        note, offline = body["layerguard"], verdicts[i]
+        note, offline = body["layerguard"], served_verdicts[i]
         assert (body["class"], note["poisoned"]) == (offline.cls, offline.poisoned), payload.name
         assert scores_agree(note["score"], offline.score), (payload.name, note["score"], offline.score)
-    assert server.worker_pids(MODEL) == pid  # no bad input cost the worker its life
+    assert guarded_server.worker_pids(MODEL) == pid  # no bad input cost the worker its life
 
 
-def test_refusals_say_why(server, payloads, tally):
+def test_refusals_say_why(guarded_server, payloads, tally):
     by_name = {p.name: p for p in payloads}
     answers = {}
     for name in ("bomb-40000x40000", "json-object", "truncated-png", "empty"):
-        r = post(server, by_name[name])
+        r = post(guarded_server, by_name[name])
         count(tally, r)
         answers[name] = r.json()
     bomb, media, truncated, empty = answers.values()
@@ -134,35 +122,35 @@ def test_refusals_say_why(server, payloads, tally):
     assert empty["reason"].startswith("empty request body")
 
 
-def test_same_digit_in_other_lossless_modes_gets_the_same_verdict(server, payloads, verdicts):
+def test_same_digit_in_other_lossless_modes_gets_the_same_verdict(guarded_server, payloads, served_verdicts):
     """RGB and RGBA of a gray digit convert back to exactly the same L image, so the same score."""
     names = {p.name: i for i, p in enumerate(payloads)}
-    base = verdicts[0]  # payloads[0] is the digit that odd_images re-encodes
+    base = served_verdicts[0]  # payloads[0] is the digit that odd_images re-encodes
     for name in ("rgb", "rgba"):
-        assert verdicts[names[name]].score == pytest.approx(base.score, abs=1e-6)
+        assert served_verdicts[names[name]].score == pytest.approx(base.score, abs=1e-6)
 
 
-def test_body_over_max_request_size_is_refused_by_the_frontend(server, payloads, tally):
+def test_body_over_max_request_size_is_refused_by_the_frontend(guarded_server, payloads, tally):
     """TorchServe's own 413 (empty body, not JSON: the frontend refuses it before any worker sees it).
     The server keeps serving and the worker is the same process."""
-    pid = server.worker_pids(MODEL)
+    pid = guarded_server.worker_pids(MODEL)
     big = Payload("corrupt", "too-big", b"\0" * 7_000_000, "application/octet-stream", 413)
     try:
-        r = post(server, big)
+        r = post(guarded_server, big)
         assert r.status_code == 413 and r.content == b""
     except requests.ConnectionError:  # the frontend may close the connection while the body is still sent
         pass
-    after = post(server, payloads[0])
+    after = post(guarded_server, payloads[0])
     count(tally, after)
-    assert after.status_code == 200 and server.worker_pids(MODEL) == pid
+    assert after.status_code == 200 and guarded_server.worker_pids(MODEL) == pid
 
 
-def test_counters_add_up(server, tally):
+def test_counters_add_up(guarded_server, tally):
     """Runs last: the module's requests, counted from the responses, equal the Prometheus deltas."""
     assert tally["LayerGuardInvalidInputs"] > 0 and tally["LayerGuardInputsFlagged"] > 0
     deadline = time.monotonic() + 20
     while True:
-        values = server.metrics(MODEL)
+        values = guarded_server.metrics(MODEL)
         got = {name: values.get(name, 0.0) for name in COUNTERS}
         if got == {k: float(v) for k, v in tally.items()} or time.monotonic() > deadline:
             break

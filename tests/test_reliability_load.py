@@ -13,11 +13,9 @@ import pytest
 from torchserve_util import TorchServe
 
 from bench.load_test import (
-    THREAD_ENV,
     build_payloads,
     check,
     kill_and_recover,
-    offline_verdicts,
     request_plan,
     run_load,
     worker_rss_mb,
@@ -30,18 +28,6 @@ UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 @pytest.fixture(scope="module")
 def payloads(mnist_splits):
     return build_payloads(mnist_splits, n_images=60)
-
-
-@pytest.fixture(scope="module")
-def verdicts(archives, payloads):
-    return offline_verdicts(archives["guarded"], payloads)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, archives):
-    with TorchServe(tmp_path_factory.mktemp("torchserve"), archives["store"], [f"{MODEL}=mnist.mar"],
-                    env=THREAD_ENV) as ts:
-        yield ts
 
 
 def token(server: TorchServe) -> str:
@@ -60,11 +46,11 @@ def assert_clean_run(report) -> None:
     assert not report.mismatched, report.mismatched[:5]
 
 
-def test_mixed_load_has_no_5xx_and_every_verdict_equals_offline(server, payloads, verdicts):
-    load(server, payloads, verdicts, 40, seed=9)  # warm-up
-    rss_before = worker_rss_mb(server, MODEL)
-    _, report = load(server, payloads, verdicts, 300)
-    rss_after = worker_rss_mb(server, MODEL)
+def test_mixed_load_has_no_5xx_and_every_verdict_equals_offline(guarded_server, payloads, served_verdicts):
+    load(guarded_server, payloads, served_verdicts, 40, seed=9)  # warm-up
+    rss_before = worker_rss_mb(guarded_server, MODEL)
+    _, report = load(guarded_server, payloads, served_verdicts, 300)
+    rss_after = worker_rss_mb(guarded_server, MODEL)
     print(f"\n{report.summary()}; worker RSS {rss_before} -> {rss_after} MB")
     assert_clean_run(report)
     assert report.requests == 300 and {"200", "400", "413", "415"} <= set(report.statuses)
@@ -72,39 +58,39 @@ def test_mixed_load_has_no_5xx_and_every_verdict_equals_offline(server, payloads
     assert rss_after - rss_before < 25, (rss_before, rss_after)
 
 
-def test_concurrent_batches_never_see_each_others_activations(server, payloads, verdicts):
+def test_concurrent_batches_never_see_each_others_activations(guarded_server, payloads, served_verdicts):
     """Clean and triggered digits sent together land in shared batches; each answer is its own input's."""
     images = [i for i, p in enumerate(payloads) if p.kind != "corrupt"]
     plan = images[:24] + images[-24:]  # 24 clean + 24 triggered, interleaved by the pool below
     plan = [i for pair in zip(plan[:24], plan[24:]) for i in pair]
-    outcomes, seconds = run_load(server.url, MODEL, token(server), payloads, plan, concurrency=16)
-    report = check(outcomes, payloads, verdicts, seconds, 16)
+    outcomes, seconds = run_load(guarded_server.url, MODEL, token(guarded_server), payloads, plan, concurrency=16)
+    report = check(outcomes, payloads, served_verdicts, seconds, 16)
     assert_clean_run(report)
     kind = {o.headers["x-request-id"]: payloads[o.payload].kind for o in outcomes}
-    lines = re.findall(r"\[METRICS\]LayerGuardInputsChecked\.Count:.*", server.log_text())
+    lines = re.findall(r"\[METRICS\]LayerGuardInputsChecked\.Count:.*", guarded_server.log_text())
     mixed = [line for line in lines
              if {kind.get(r) for r in re.findall(UUID, line)} >= {"clean", "triggered"}]
     assert mixed, "no batch held both clean and triggered requests"
 
 
 @pytest.mark.load
-def test_long_load_holds(server, payloads, verdicts):
-    """make test-load: thousands of mixed requests, zero 5xx, verdicts equal offline, memory flat."""
-    load(server, payloads, verdicts, 200, seed=9)
-    rss_before = worker_rss_mb(server, MODEL)
-    _, report = load(server, payloads, verdicts, 3000)
-    rss_after = worker_rss_mb(server, MODEL)
+def test_long_load_holds(guarded_server, payloads, served_verdicts):
+    """make test-load: thousands of mixed requests, zero 5xx, served_verdicts equal offline, memory flat."""
+    load(guarded_server, payloads, served_verdicts, 200, seed=9)
+    rss_before = worker_rss_mb(guarded_server, MODEL)
+    _, report = load(guarded_server, payloads, served_verdicts, 3000)
+    rss_after = worker_rss_mb(guarded_server, MODEL)
     print(f"\n{report.summary()}; worker RSS {rss_before} -> {rss_after} MB")
     assert_clean_run(report)
     assert rss_after - rss_before < 30, (rss_before, rss_after)
 
 
-def test_worker_killed_mid_load_comes_back_guarded(server, archives, payloads, verdicts):
+def test_worker_killed_mid_load_comes_back_guarded(guarded_server, archives, payloads, served_verdicts):
     """SIGKILL the worker during load: TorchServe restarts it with its artifact, and every request after
     recovery is answered and flagged as offline scoring says. While no worker exists, the requests of the
     killed batch get TorchServe's own 'Worker died.' (a 5xx JSON from the frontend, not from layerguard)."""
-    old = server.worker_pids(MODEL)
-    report = kill_and_recover(server, MODEL, archives["guarded"], payloads, verdicts, requests=500,
+    old = guarded_server.worker_pids(MODEL)
+    report = kill_and_recover(guarded_server, MODEL, archives["guarded"], payloads, served_verdicts, requests=500,
                               concurrency=8, kill_after=0.8, timeout=15.0, verify=100)
     print(f"\nkilled {report.killed_pid}, new worker {report.new_pid} READY after {report.recovery_s} s; "
           f"from the kill on: {report.during}; TorchServe answered: {report.torchserve_errors}")
@@ -116,4 +102,4 @@ def test_worker_killed_mid_load_comes_back_guarded(server, archives, payloads, v
     assert all("Worker died" in m for m in report.run.malformed), report.run.malformed[:5]
     # ... and everything else is TorchServe's own "Worker died." for the killed batch
     assert all("Worker died" in e for e in report.torchserve_errors), report.torchserve_errors
-    assert "layerguard: guarding mnist" in server.log_text().split(f"[PID]{report.new_pid}")[-1]
+    assert "layerguard: guarding mnist" in guarded_server.log_text().split(f"[PID]{report.new_pid}")[-1]

@@ -504,11 +504,12 @@ def dataset_section(key: str, det: dict[str, Any], best: str | None, labels: dic
     rows = []
     for a, m in models.items():
         z = m.get("zoo", {})
-        how = [m.get("route") or "-", str(z.get("epochs", "?"))] if routes else []
+        how = ([m.get("route") or "-"] if len(routes) > 1 else []) + [str(z.get("epochs", "?"))]
         rows.append([model_label(det, a), *how, str(m["target"]) if attacked(m) or a != "clean" else "-",
                      pct(z.get("clean_acc")), pct(z.get("asr")), pct(m["clean_acc_scored"]), pct(m.get("asr_scored")),
                      str(m["n_successful"]), f"{m['seconds']:.0f}"])
-    lines += table(["model", *(["route", "epochs"] if routes else []), "target", "clean acc % (test)",
+    # the route column only where a zoo mixes routes; epochs always (a zoo trains some attacks longer)
+    lines += table(["model", *(["route"] if len(routes) > 1 else []), "epochs", "target", "clean acc % (test)",
                     "ASR % (test)", "clean acc % (scored)", "ASR % (scored)", "successful attacks scored", "seconds"],
                    rows)
     lines += ["", "Clean accuracy and ASR \"(test)\" come from the model's json (bench/train.py); "

@@ -131,7 +131,7 @@ RECIPES: dict[str, Recipe] = {
         flip=False,
         val_fraction=0.1,
         prefix="gtsrb_",
-        zoo=("clean", "badnets", "blended", "wanet", "sig"),
+        zoo=("clean", "badnets", "blended", "wanet", "sig", "adapblend"),
         # WaNet's warp is learned slowly: 15 epochs gave 87% ASR (README), 30 give the zoo's model
         epochs_by_attack={"wanet": 30},
     ),

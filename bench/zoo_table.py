@@ -40,9 +40,12 @@ def _setting(meta: dict[str, Any]) -> str:
 
 
 def _metas(weights_dir: Path, dataset: str) -> dict[str, dict[str, Any]]:
-    """``{stem: json}`` of the models of one dataset (json without "dataset": CIFAR-10), known attacks first."""
+    """``{stem: json}`` of the models of one dataset's own recipe (json without "dataset" or "recipe": the weakly
+    trained CIFAR-10 zoo), known attacks first. The well-trained CIFAR-10 recipes (cifar_full, cifar_ft) share
+    the dataset but not this table: their status table is `train.py --ckpt-status`'s."""
     metas = {p.stem: json.loads(p.read_text()) for p in sorted(weights_dir.glob("*.json"))}
-    metas = {n: m for n, m in metas.items() if m.get("dataset", "cifar") == dataset}
+    metas = {n: m for n, m in metas.items()
+             if m.get("dataset", "cifar") == dataset and m.get("recipe", dataset) == dataset}
     rank = {n: i for i, n in enumerate(ORDER)}
 
     def key(n: str) -> tuple[int, str]:

@@ -366,6 +366,24 @@ def test_figures_give_every_series_its_own_colour() -> None:
         distinct_colours(21)
 
 
+def test_zoo_tables_keep_each_recipe_to_its_own_table(tmp_path: Path) -> None:
+    """bench/README.md's weakly trained CIFAR-10 table lists only that recipe's models: the well-trained CIFAR-10
+    models share the dataset but have their own status table, and GTSRB models go to the GTSRB table."""
+    from bench.zoo_table import gtsrb_table, zoo_table
+
+    base = {"model": "m", "clean_acc": 0.9, "epochs": 1, "seconds_train": 1.0, "attack": {"name": "badnets"},
+            "asr": 0.9, "target": 0, "clean_acc_per_class": [0.9] * 43}
+    files = {"badnets": {}, "cifar_full_badnets": {"dataset": "cifar", "recipe": "cifar_full"},
+             "cifar_ft_badnets": {"dataset": "cifar", "recipe": "cifar_ft"},
+             "gtsrb_badnets": {"dataset": "gtsrb", "recipe": "gtsrb", "history": [{"val_clean_acc": 0.9}],
+                               "seconds_per_epoch": 1.0}}
+    for name, extra in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({**base, **extra}))
+    weak = zoo_table(tmp_path)
+    assert "| badnets (m)" in weak and "cifar_full_" not in weak and "cifar_ft_" not in weak and "gtsrb" not in weak
+    assert "| gtsrb_badnets (m)" in gtsrb_table(tmp_path) and "cifar" not in gtsrb_table(tmp_path)
+
+
 def test_attack_is_rebuilt_with_the_training_settings() -> None:
     from bench.detection import attack_from_meta
 

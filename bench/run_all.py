@@ -907,6 +907,37 @@ def crossover_section(cross: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
+def compile_section(cp: dict[str, Any] | None) -> list[str]:
+    """Would torch.compile close the guard's cost gap? (bench/compile_probe.py; not a `make bench` step)."""
+    if not cp or not cp.get("rows"):
+        return []
+    lines = ["#### Does `torch.compile` close the gap?", "",
+             f"`{cp['command']}`, {cp['date']}, torch {cp['torch']}, one torch thread, rule `{cp['rule']}`, median "
+             f"over {cp['repeats']} interleaved rounds of each path's CPU time over its plain pass's. Not part of "
+             "`make bench`; the handler does not compile. Eager: the guarded path of bench/overhead.py (hooks "
+             "reduce each output, then verdicts and notes) against the plain forward pass. Compiled: the same "
+             "path with the forward pass and its hooks compiled by inductor (the verdicts and notes stay eager), "
+             "against the compiled plain pass. Compile: the first call of one batch shape, with a cold compile "
+             "cache, what a fresh worker's first request of that shape would wait.", ""]
+    rows = [[r["arch"], str(r["batch"]), num(r["eager plain ms"], 2), f"{r['eager added %']:+.1f}%",
+             num(r["compiled plain ms"], 2), f"{r['compiled added %']:+.1f}%",
+             f"{r['compiled guarded vs eager plain %']:+.1f}%", f"{r['compile seconds']['guarded']:.0f}",
+             "yes" if r["same verdicts"] else "NO"] for r in cp["rows"]]
+    lines += table(["model", "batch", "eager plain ms", "eager: added", "compiled plain ms", "compiled: added",
+                    "compiled guarded vs eager plain", "compile s", "same verdicts as eager"], rows)
+    verdicts = []
+    for r in cp["rows"]:
+        target = 10 if r["batch"] == 1 else 3 if r["batch"] >= 32 else None
+        if target is not None:
+            verdicts.append(f"{r['arch']} batch {r['batch']} {'met' if r['compiled added %'] <= target else 'not met'}"
+                            f" compiled ({'met' if r['eager added %'] <= target else 'not met'} eager)")
+    return lines + ["", "Against issue 14's targets (at most 10% added at batch 1, 3% at batch 32, guarded over "
+                    "plain in the same mode): " + "; ".join(verdicts) + ". Compiling changes the forward pass and "
+                    "the reductions alike and leaves the verdicts and notes eager: the guard's added share moves by "
+                    f"{max(abs(r['compiled added %'] - r['eager added %']) for r in cp['rows']):.1f} points at most "
+                    "between the two modes.", ""]
+
+
 def rule_note(entries: Any) -> str:
     """' Guarded with rule ...' when the result records the scoring rule the guarded model was calibrated with."""
     rules = sorted({f"`{e['rule']}` ({', '.join(f'{k} {v}' for k, v in (e.get('policy') or {}).items())})"
@@ -1185,8 +1216,8 @@ def headline_section(dets: dict[str, dict[str, Any]], ov: dict[str, Any] | None,
 def render(results: Path = RESULTS_DIR, docs: Path = DOCS) -> str:
     """docs/benchmarks.md (and docs/img/*.png) from the JSON files in ``results``; returns the markdown."""
     dets = load_detection(results)
-    ov, cal, sl, run, gp = (load(results, n) for n in ("overhead", "calibration_cost", "serving_load", "run_all",
-                                                       "guard_profile"))
+    ov, cal, sl, run, gp, cp = (load(results, n) for n in ("overhead", "calibration_cost", "serving_load", "run_all",
+                                                           "guard_profile", "compile_probe"))
     shares = [r for r in (load(results, f"reference_share_{d}") for d in ("gtsrb", "cifar10_full")) if r]
     rs = {"seconds": sum(r["seconds"] for r in shares), "machine": shares[0].get("machine")} if shares else None
     lines = ["# Benchmarks", "",
@@ -1233,6 +1264,7 @@ def render(results: Path = RESULTS_DIR, docs: Path = DOCS) -> str:
         lines += overhead_section(ov)
     if gp:
         lines += profile_section(gp)
+    lines += compile_section(cp)
     lines += ["### GPU", "", "Not measured: no session so far has had a GPU machine lent to it. The handler uses the "
               "device TorchServe assigns for the forward pass and the reductions of each monitored output (pooling, "
               "norms, the cosine against the centroids); what they leave, a few hundred numbers per input, is scored "

@@ -384,6 +384,25 @@ def test_zoo_tables_keep_each_recipe_to_its_own_table(tmp_path: Path) -> None:
     assert "| gtsrb_badnets (m)" in gtsrb_table(tmp_path) and "cifar" not in gtsrb_table(tmp_path)
 
 
+def test_compile_probe_section_reads_its_verdicts_from_the_rows() -> None:
+    """The torch.compile probe's section judges each row against issue 14's targets from the recorded numbers
+    (batch 1: 10%, batch 32: 3%), in both modes, and says nothing when the probe has not been run."""
+    from bench.run_all import compile_section
+
+    def row(batch: int, eager: float, compiled: float) -> dict:
+        return {"arch": "resnet20", "batch": batch, "eager plain ms": 3.0, "eager added %": eager,
+                "compiled plain ms": 2.5, "compiled added %": compiled, "compiled guarded vs eager plain %": 1.0,
+                "compile seconds": {"guarded": 9.0}, "same verdicts": True}
+
+    cp = {"command": "c", "date": "d", "torch": "t", "rule": "r", "repeats": 3,
+          "rows": [row(1, 30.0, 8.0), row(32, 2.0, 9.5)]}
+    text = "\n".join(compile_section(cp))
+    assert "resnet20 batch 1 met compiled (not met eager)" in text
+    assert "resnet20 batch 32 not met compiled (met eager)" in text
+    assert "moves by 22.0 points at most" in text
+    assert compile_section(None) == [] and compile_section({"rows": []}) == []
+
+
 def test_attack_is_rebuilt_with_the_training_settings() -> None:
     from bench.detection import attack_from_meta
 

@@ -1013,12 +1013,21 @@ def serving_archs(sl: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return sl["archs"] if "archs" in sl else {"resnet20": sl}
 
 
-def serving_section(sl: dict[str, Any]) -> list[str]:
+def serving_section(sl: dict[str, Any], compact: dict[str, Any] | None = None) -> list[str]:
+    """The TorchServe load test as wrapped by default, then (if measured) with `layerguard wrap --response
+    compact`, each from its own run of bench/serving_load.py."""
     lines = ["### Through TorchServe (127.0.0.1)", "",
              f"Made by {provenance(sl)}. Memory allocator (this process and the TorchServe workers): "
              f"{sl.get('allocator', 'glibc defaults')}.", ""]
     for one in serving_archs(sl).values():
         lines += serving_arch_lines(one)
+    if compact:
+        lines += [f"The guarded archive wrapped with `layerguard wrap --response compact` (verdict, score, threshold "
+                  "and layer of interest per prediction; no per-layer similarities or terms, so the hooks skip the "
+                  f"cosine profile), in its own run: made by {provenance(compact)}. Memory allocator: "
+                  f"{compact.get('allocator', 'glibc defaults')}.", ""]
+        for one in serving_archs(compact).values():
+            lines += serving_arch_lines(one)
     lines += ["Worker CPU per request is read from /proc of the worker processes, whose PIDs the management API "
               "reports; frontend = the Java process, client = this benchmark's own threads. Throughput and latency "
               "depend on every process sharing the 2 cores, so their ratios move from run to run more than the CPU "
@@ -1028,7 +1037,8 @@ def serving_section(sl: dict[str, Any]) -> list[str]:
 
 def serving_arch_lines(one: dict[str, Any]) -> list[str]:
     s, r = one["setup"], one["results"]
-    lines = [f"#### {s['model']}", "",
+    compact = " with `response: compact`" if s.get("response") == "compact" else ""
+    lines = [f"#### {s['model']}{compact}", "",
              f"Weights: {s['weights']}. One worker per archive ({s['worker_threads']} torch thread), batchSize "
              f"{s['batch_size']}, maxBatchDelay {s['max_batch_delay_ms']} ms for both; closed loop, "
              f"{s['concurrency']} concurrent clients, {s['requests_per_phase']} requests per phase, {s['rounds']} "
@@ -1145,8 +1155,8 @@ def worker_breakdown_lines(wb: dict[str, Any]) -> list[str]:
             *table(["stage", *(f"{n} ms / batch" for n in archives)], rows)]
 
 
-def headline_section(dets: dict[str, dict[str, Any]], ov: dict[str, Any] | None, sl: dict[str, Any] | None
-                     ) -> list[str]:
+def headline_section(dets: dict[str, dict[str, Any]], ov: dict[str, Any] | None, sl: dict[str, Any] | None,
+                     slc: dict[str, Any] | None = None) -> list[str]:
     """A few sentences computed from the results: what a reader should take away first. The well-trained zoos
     lead, one line per model; a weakly trained zoo (not counted in the decision) gets one summary line."""
     lines = ["## Headline", ""]
@@ -1201,15 +1211,15 @@ def headline_section(dets: dict[str, dict[str, Any]], ov: dict[str, Any] | None,
                                  f"{100 * (r['wall_ratio_of_medians'] - 1):+.1f}% wall) to a forward pass; scoring "
                                  f"alone is {100 * r['score_share_of_plain_cpu']:.1f}% of it (target: at most "
                                  f"{target}%: {'met' if added <= target else 'not met'}).")
-    if sl:
-        for one in serving_archs(sl).values():
-            r = one["results"]
-            cp, cg = r["plain"].get("cpu_ms_per_request", {}), r["guarded"].get("cpu_ms_per_request", {})
-            worker = f", worker CPU per request x{cg['worker'] / cp['worker']:.3f}" if cp.get("worker") else ""
-            lines.append(f"- TorchServe, {one['setup']['model']}, guarded vs plain .mar: throughput "
-                         f"x{r['guarded_rps_ratio']:.3f}, p50 x{r['guarded_p50_ratio']:.3f}, p99 "
-                         f"x{r['guarded_p99_ratio']:.3f}{worker} (target: throughput x0.97 or better and worker "
-                         f"CPU per request within 5%){round_range(r)}.")
+    for one in [*(serving_archs(sl).values() if sl else ()), *(serving_archs(slc).values() if slc else ())]:
+        r = one["results"]
+        cp, cg = r["plain"].get("cpu_ms_per_request", {}), r["guarded"].get("cpu_ms_per_request", {})
+        worker = f", worker CPU per request x{cg['worker'] / cp['worker']:.3f}" if cp.get("worker") else ""
+        which = "guarded (`response: compact`)" if one["setup"].get("response") == "compact" else "guarded"
+        lines.append(f"- TorchServe, {one['setup']['model']}, {which} vs plain .mar: throughput "
+                     f"x{r['guarded_rps_ratio']:.3f}, p50 x{r['guarded_p50_ratio']:.3f}, p99 "
+                     f"x{r['guarded_p99_ratio']:.3f}{worker} (target: throughput x0.97 or better and worker "
+                     f"CPU per request within 5%){round_range(r)}.")
     return lines + [""]
 
 
@@ -1218,6 +1228,7 @@ def render(results: Path = RESULTS_DIR, docs: Path = DOCS) -> str:
     dets = load_detection(results)
     ov, cal, sl, run, gp, cp = (load(results, n) for n in ("overhead", "calibration_cost", "serving_load", "run_all",
                                                            "guard_profile", "compile_probe"))
+    slc = load(results, "serving_load_compact")
     shares = [r for r in (load(results, f"reference_share_{d}") for d in ("gtsrb", "cifar10_full")) if r]
     rs = {"seconds": sum(r["seconds"] for r in shares), "machine": shares[0].get("machine")} if shares else None
     lines = ["# Benchmarks", "",
@@ -1255,7 +1266,7 @@ def render(results: Path = RESULTS_DIR, docs: Path = DOCS) -> str:
               "`../shared/data/gtsrb_32_sub13k.npz`). The detection step alone: `.venv/bin/python bench/detection.py` "
               "(`--quick` for a smoke test of under a minute). The backdoored models come from `bench/train.py` "
               "(bench/README.md).", ""]
-    lines += headline_section(dets, ov, sl)
+    lines += headline_section(dets, ov, sl, slc)
     if dets:
         lines += detection_section(dets, docs)
     if shares:
@@ -1270,7 +1281,7 @@ def render(results: Path = RESULTS_DIR, docs: Path = DOCS) -> str:
               "norms, the cosine against the centroids); what they leave, a few hundred numbers per input, is scored "
               "in numpy on the host. The serving tests and the cost tables above ran on the CPU only.", ""]
     if sl:
-        lines += serving_section(sl)
+        lines += serving_section(sl, slc)
     if cal:
         lines += calibration_section(cal, plot_calibration(cal, docs / "img" / "calibration_cost.png"))
     text = "\n".join(lines).rstrip() + "\n"

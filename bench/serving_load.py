@@ -10,7 +10,8 @@ each architecture in ``--archs``: the zoo's ResNet-20 (a forward pass so cheap t
 per-batch cost shows) and a ResNet-18-sized network (the paper's model size). Only loopback addresses are
 used; each server is stopped by PID at the end (tests/torchserve_util.py).
 
-Usage:  .venv/bin/python bench/serving_load.py [--archs resnet20,resnet18_cifar] [--requests 400] [--rounds 3]
+Usage:  .venv/bin/python bench/serving_load.py [--archs resnet20,resnet18_cifar] [--requests 400] [--rounds 12]
+        [--response compact]   (the guarded archive wrapped with `--response compact`: serving_load_compact.json)
 """
 
 from __future__ import annotations
@@ -481,15 +482,18 @@ def run_arch(arch: str, args: argparse.Namespace, reference: ArraySource, payloa
         t0 = time.time()
         plain = build_plain_mar(store, model, "cifar_plain", args.batch_size, args.max_batch_delay)
         wrapped = wrap_mar(plain, reference, WrapConfig(out_dir=store, model_name="cifar_guarded", force=True,
-                                                        calibration=CalibrationConfig(rule=args.rule)))
+                                                        calibration=CalibrationConfig(rule=args.rule),
+                                                        response=args.response))
         wrap_seconds = time.time() - t0
         log(f"[{arch}] archives ready in {wrap_seconds:.0f}s: {plain.name}, {wrapped.mar_path.name}")
         # the guarded archive twice: as wrapped, and with `response: compact` (no per-layer detail) set in its
         # model-config.yaml, the cheaper setting an operator can choose
-        handlers = load_handlers({"plain": plain, "guarded": wrapped.mar_path, "compact": wrapped.mar_path},
-                                 max(8, args.batch_size), {"compact": {"response": "compact"}})
-        in_process = handler_cpu(handlers, payloads, (1, 4, 8), args.handler_repeats)
-        breakdown = worker_breakdown(handlers, payloads, args.batch_size, args.handler_repeats)
+        in_process = breakdown = None
+        if args.response == "full":  # a compact run's archive is the full run's "compact" column already
+            handlers = load_handlers({"plain": plain, "guarded": wrapped.mar_path, "compact": wrapped.mar_path},
+                                     max(8, args.batch_size), {"compact": {"response": "compact"}})
+            in_process = handler_cpu(handlers, payloads, (1, 4, 8), args.handler_repeats)
+            breakdown = worker_breakdown(handlers, payloads, args.batch_size, args.handler_repeats)
         # TorchServe also opens gRPC on 7070/7071 unless told otherwise: another server on the machine (a test
         # run) would make this one exit at start, so give it free gRPC ports too, via its config template.
         config = root / "config.template.properties"
@@ -525,6 +529,7 @@ def run_arch(arch: str, args: argparse.Namespace, reference: ArraySource, payloa
         "warmup_per_archive": args.warmup,
         "calibration_images": len(reference),
         "rule": wrapped.artifact.meta.rule,
+        "response": args.response,
         "policy": wrapped.artifact.meta.threshold,
         "payload": "32x32 RGB PNG, 128 distinct test images",
         "wrap_seconds": round(wrap_seconds, 1),
@@ -570,6 +575,11 @@ def load_rounds(server: TorchServe, args: argparse.Namespace, payloads: list[byt
     return phases
 
 
+def result_name(response: str) -> str:
+    """serving_load.json for the archive as wrapped by default, serving_load_compact.json for `response: compact`."""
+    return "serving_load" if response == "full" else f"serving_load_{response}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=None)
@@ -591,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="hold: glibc keeps freed memory in this process and the TorchServe workers (default); "
                    "default: glibc as it comes")
     p.add_argument("--rule", default=DEFAULT_RULE, help=f"scoring rule of the guarded archive (default {DEFAULT_RULE})")
+    p.add_argument("--response", choices=("full", "compact"), default="full",
+                   help="the guarded archive's `response` setting (`layerguard wrap --response`); compact writes "
+                   "serving_load_compact.json and skips the in-process tables, which the full run measures for both")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
@@ -618,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         "allocator": allocator,
         "archs": per_arch,
     }
-    path = write_result("serving_load", payload, args.out)
+    path = write_result(result_name(args.response), payload, args.out)
     log(f"wrote {path} ({payload['seconds']:.0f}s)")
     return 0
 

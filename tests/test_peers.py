@@ -354,6 +354,38 @@ def test_round_ratios_pair_each_abba_round_and_render_their_spread() -> None:
     assert round_spread(one, {"order": "ABBA"}) == "" and round_range(one) == ""
 
 
+def test_compact_serving_run_gets_its_own_rows_on_the_page_and_headline() -> None:
+    """`bench/serving_load.py --response compact` writes its own result file; the page shows it after the default
+    run, labelled as compact in the heading and the headline, so the two ratios are never read as one."""
+    from bench.run_all import headline_section, serving_section
+    from bench.serving_load import result_name
+
+    assert result_name("full") == "serving_load" and result_name("compact") == "serving_load_compact"
+
+    def run(response: str, rps: float) -> dict:
+        setup = {"model": "CIFAR ResNet-20 (0.27 M params)", "weights": "w", "worker_threads": 1, "batch_size": 8,
+                 "max_batch_delay_ms": 5, "concurrency": 8, "requests_per_phase": 400, "rounds": 1,
+                 "order": "plain, guarded, guarded, plain (ABBA)", "warmup_per_archive": 50,
+                 "calibration_images": 1000, "rule": "mahalanobis-spread", "response": response}
+        phase = {"ok": 800, "requests": 800, "rps": 100.0, "rps_per_phase": [100.0, 100.0], "p50_ms": 10.0,
+                 "p99_ms": 20.0, "cpu_ms_per_request": {"worker": 4.0, "frontend": 1.0, "client": 1.0}}
+        guarded = {**phase, "rps": rps, "rps_per_phase": [rps, rps], "cpu_ms_per_request": {"worker": 4.4}}
+        results = {"plain": phase, "guarded": guarded, "guarded_rps_ratio": rps / 100.0, "guarded_p50_ratio": 1.0,
+                   "guarded_p99_ratio": 1.0}
+        return {"command": "c", "date": "d", "seconds": 1.0, "archs": {"resnet20": {"setup": setup, "results": results,
+                                                                                    "handler_in_process": None}}}
+
+    full, compact = run("full", 92.0), run("compact", 97.5)
+    page = "\n".join(serving_section(full, compact))
+    assert "#### CIFAR ResNet-20 (0.27 M params)\n" in page
+    assert "#### CIFAR ResNet-20 (0.27 M params) with `response: compact`" in page
+    assert "throughput x0.920" in page and "throughput x0.975" in page
+    head = "\n".join(headline_section({}, None, full, compact))
+    assert "guarded vs plain .mar: throughput x0.920" in head
+    assert "guarded (`response: compact`) vs plain .mar: throughput x0.975" in head
+    assert "compact" not in "\n".join(serving_section(full))
+
+
 def test_figures_give_every_series_its_own_colour() -> None:
     """The detection figures carry a dozen rule configurations plus three peers; a colour used twice would make two
     legend entries read as one, so the palette has 20 distinct colours and refuses to wrap."""

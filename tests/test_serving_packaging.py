@@ -58,19 +58,21 @@ def test_wrap_cli_from_image_folder_leaves_original_untouched(archives, tmp_path
     before = digest(original)
     args = ["wrap", "--mar", str(original), "--data", str(tmp_path / "ref"), "--out", str(tmp_path / "store"),
             "--model-name", "mnist_strict", "--policy", "reject", "--target-fpr", "0.05", "--batch-size", "4",
-            "--min-per-class", "5", "--exclude-logits"]
+            "--min-per-class", "5", "--exclude-logits", "--response", "compact"]
     assert cli.main(args) == 0
     out_text = capsys.readouterr().out
     assert "guarded archive:" in out_text
     # the calibration is shown, not hidden: rule, policy and the per-class table
     assert "rule mahalanobis" in out_text and "threshold target_fpr=0.05" in out_text
+    assert "policy reject" in out_text and "response compact" in out_text
     rows = [ln for ln in out_text.splitlines() if ln[:2].strip().isdigit()]
     assert "layer of interest" in out_text and len(rows) >= 10
     assert digest(original) == before
     out = tmp_path / "store" / "mnist_strict.mar"
     with zipfile.ZipFile(out) as zf:
         config = yaml.safe_load(zf.read("model-config.yaml"))
-    assert config["handler"]["layerguard"] == {"inner_handler": "mnist_handler.py", "policy": "reject"}
+    assert config["handler"]["layerguard"] == {"inner_handler": "mnist_handler.py", "policy": "reject",
+                                               "response": "compact"}
     assert config["batchSize"] == 4
     with zipfile.ZipFile(out) as zf:
         (tmp_path / "art.npz").write_bytes(zf.read("layerguard_calibration.npz"))

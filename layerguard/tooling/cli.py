@@ -30,6 +30,7 @@ from ..core.layers import (
 from ..core.rules import DEFAULT_RULE, RULES, parse_rule_options
 from ..core.thresholds import DEFAULT_TARGET_FPR, DEFAULT_TAU, ThresholdPolicy
 from ..serving.inner import GuardLoadError
+from ..serving.policy import RESPONSES
 from .archive import ArchiveError
 from .calibration import CalibrationConfig, CalibrationError, calibrate
 from .data import DataError, ImageTransform, ReferenceSource, open_reference
@@ -262,6 +263,10 @@ def add_wrap_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", help="name of the guarded model (default: the original's)")
     p.add_argument("--policy", choices=("annotate", "reject"), default="annotate",
                    help="annotate flagged inputs (default) or reject them with HTTP 403")
+    p.add_argument("--response", choices=RESPONSES, default="full",
+                   help="full (default): per-layer similarities and terms in every response; compact: verdict, "
+                        "score, threshold and layer of interest only, which costs the worker less "
+                        "(written to model-config.yaml as `response`, editable later)")
     _add_method_arguments(p)
     p.add_argument("--batch-size", type=int, help="TorchServe batchSize written to model-config.yaml")
     p.add_argument("--max-batch-delay", type=int, default=100, help="maxBatchDelay in ms (default 100)")
@@ -301,7 +306,8 @@ def _wrap(args: argparse.Namespace) -> int:
         out_dir=args.out, model_name=args.model_name, action=args.policy, calibration=_config(args),
         threshold_override=False, layers=tuple(parse_layer_list(args.layers) or ()) or None,
         exclude_logits=args.exclude_logits, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
-        gpu=args.gpu, force=args.force, signing_key=read_signing_key(args.signing_key) if args.signing_key else None,
+        response=args.response, gpu=args.gpu, force=args.force,
+        signing_key=read_signing_key(args.signing_key) if args.signing_key else None,
     )
     progress = Progress(2 * len(reference), "calibrating (2 passes)", enabled=not args.quiet)
     result = wrap_mar(args.mar, reference, config, progress=progress)
@@ -310,7 +316,8 @@ def _wrap(args: argparse.Namespace) -> int:
         art = result.artifact
         detector = art.detector()
         print(f"  model {result.model_name}, {art.num_classes} classes, {result.num_reference} reference images, "
-              f"policy {result.policy.action}" + (", artifact signed" if config.signing_key else ""))
+              f"policy {result.policy.action}" + (", artifact signed" if config.signing_key else "")
+              + (f", response {result.policy.response}" if result.policy.response != "full" else ""))
         print(describe_calibration(art, detector))
         print(format_class_table(art, detector))
         if args.benign_test is not None:

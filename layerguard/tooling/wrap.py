@@ -52,6 +52,7 @@ class WrapConfig:
     exclude_logits: bool = False
     batch_size: int | None = None  # TorchServe batchSize for the guarded model
     max_batch_delay: int = 100
+    response: str = "full"  # "compact": verdicts without per-layer detail (the cheaper responses, serving.md)
     calibration_batch_size: int = 64
     gpu: int | None = None
     force: bool = False
@@ -191,7 +192,8 @@ def wrap_mar(mar: str | Path, reference: str | Path | ReferenceSource, config: W
             artifact = calibrate_archive(loaded, data, config.calibration, config.layers, config.exclude_logits,
                                          config.calibration_batch_size, progress)
         policy = ServingPolicy(inner_handler=model_meta["handler"], action=config.action,
-                               threshold=config.calibration.policy if config.threshold_override else None)
+                               threshold=config.calibration.policy if config.threshold_override else None,
+                               response=config.response)
         guarded_config = guarded_model_config(yaml_config, policy, config.batch_size, config.max_batch_delay)
         parse_policy(guarded_config)  # what the worker will read must parse
         mar_path = write_guarded_archive(scratch, original, manifest, name, artifact, guarded_config, out_dir,

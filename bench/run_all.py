@@ -1118,6 +1118,8 @@ def formed_batches_lines(r: dict[str, Any], setup: dict[str, Any]) -> list[str]:
     rows = [[m, str(f["batches"]), f"{f['mean_batch']:.2f}", *(str(f["batch_sizes"].get(str(n), 0)) for n in sizes),
              num(f["handler_ms_per_request"], 2)] for m, f in formed.items()]
     ratio = g["handler_ms_per_request"] / p["handler_ms_per_request"]
+    # a compact run has no in-process tables of its own: the default run's, above, measure both settings
+    where = "of the default run above" if setup.get("response") == "compact" else "below"
     return ["", "Batches TorchServe formed in the recorded rounds (its HandlerTime metric, one line per batch with "
             "the batch's request ids, in ts_log.log) and the handler's time per request it reports (wall time in "
             "`handle`):", "",
@@ -1127,7 +1129,7 @@ def formed_batches_lines(r: dict[str, Any], setup: dict[str, Any]) -> list[str]:
             f"and {g['mean_batch']:.1f} requests against a batchSize of {setup['batch_size']}: with a closed loop of "
             f"{setup['concurrency']} clients and {setup['max_batch_delay_ms']} ms of maxBatchDelay, many batches "
             "leave before they fill, and the guard's share of a batch grows as the batch shrinks (the in-process "
-            "table below: batches of 1, 4 and 8). This ratio and the worker CPU per request above agree when the "
+            f"table {where}: batches of 1, 4 and 8). This ratio and the worker CPU per request above agree when the "
             "worker's time outside `handle` (receiving, encoding, sending) costs both archives alike."]
 
 

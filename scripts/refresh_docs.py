@@ -76,7 +76,8 @@ def bench_headline(results: Path | None = None) -> str:
     from bench.run_all import RESULTS_DIR, headline_section, load, load_detection
 
     results = results or RESULTS_DIR
-    lines = headline_section(load_detection(results), load(results, "overhead"), load(results, "serving_load"))
+    lines = headline_section(load_detection(results), load(results, "overhead"), load(results, "serving_load"),
+                             load(results, "serving_load_compact"))
     body = [ln for ln in lines[1:] if ln.strip()]
     link = "Every figure with its command, machine and date: [docs/benchmarks.md](docs/benchmarks.md)."
     return "\n".join(body) + "\n\n" + link

@@ -174,7 +174,7 @@ class FastCifarVGG(nn.Module):
     86 to 88% in 45 epochs (60 epochs: +0.15 points). This net spends its arithmetic in wide convolutions, which a
     CPU runs at a higher rate than ResNet-20's 16-channel ones (almost three times the multiply-adds per image in
     less than twice the time per epoch: bench/train_speed.py). Measured on training images
-    held out of training (bench/README.md, "A faster, wider network"): 88.4 to 89.0% in 12 to 20 epochs, about a
+    held out of training (bench/README.md, "A faster, wider network"): 88.4 to 89.3% in 12 to 20 epochs, about a
     point more, too little for the poisoned models; so the zoo stays on ResNet-20 and this model stays for trials.
     Airbench's other devices (whitened stem initialisation, lookahead, test-time flipping) are left out. Every block
     is a module, so its output is one detector layer, like the ResNet blocks.

@@ -2,8 +2,8 @@
 
 Why this protocol (issue 11): the default rule must be chosen by measurement, with the threshold a user
 actually gets. Per dataset (cifar10_full: the well-trained CIFAR-10 ResNet-20 zoo, from scratch and by
-poisoned fine-tuning; gtsrb: the compact-VGG zoo; cifar10: the weakly trained 6-epoch ResNet-20 zoo;
-whichever models are trained) and per model:
+poisoned fine-tuning; cifar10_vgg: the well-trained CIFAR-10 fast-VGG zoo, from scratch; gtsrb: the compact-VGG
+zoo; cifar10: the weakly trained 6-epoch ResNet-20 zoo; whichever models are trained) and per model:
 
   1. split the test set (seed): a per-class share of it is the benign reference set (calibration, and every
      peer's benign statistics) and is never scored; the model never trained on any test image;
@@ -25,7 +25,8 @@ whichever models are trained) and per model:
 
 Writes bench/results/detection_<dataset>.json (one per dataset); bench/run_all.py renders docs/benchmarks.md.
 
-Usage:  .venv/bin/python bench/detection.py [--datasets cifar10_full,gtsrb,cifar10] [--models badnets,...] [--quick]
+Usage:  .venv/bin/python bench/detection.py [--datasets cifar10_full,cifar10_vgg,gtsrb,cifar10] [--models badnets,...]
+        [--quick]
 
 A model row is a name (``badnets``; in cifar10_full ``badnets_scratch``, ``badnets_ft``) mapped to a weights
 stem in bench/weights and the attack it carries (`ModelRow`); ``--models`` takes row names or attack names
@@ -183,10 +184,13 @@ REF_SHARE = 0.2
 DATASETS = {
     "cifar10_full": Dataset("cifar10_full", "CIFAR-10, well-trained ResNet-20", "cifar_full_", load_cifar,
                             default_data_path, REF_SHARE, 20, rows=CIFAR_FULL_ROWS),
+    # the fast VGG (bench/models.py FastCifarVGG, recipe cifar_vgg): every attack from scratch, 20 epochs in bf16
+    "cifar10_vgg": Dataset("cifar10_vgg", "CIFAR-10, well-trained fast VGG", "cifar_vgg_", load_cifar,
+                           default_data_path, REF_SHARE, 20),
     "gtsrb": Dataset("gtsrb", "GTSRB", "gtsrb_", load_gtsrb, default_gtsrb_path, REF_SHARE, 10),
     "cifar10": Dataset("cifar10", "CIFAR-10", "", load_cifar, default_data_path, REF_SHARE, 20),
 }
-DEFAULT_DATASETS = "cifar10_full,gtsrb,cifar10"
+DEFAULT_DATASETS = "cifar10_full,cifar10_vgg,gtsrb,cifar10"
 
 
 # ---- protocol helpers (unit-tested in tests/test_peers.py) ----------------------------------------------

@@ -107,7 +107,7 @@ def provenance(res: dict[str, Any]) -> str:
 
 
 # ---- detection: the decision ----------------------------------------------------------------------------
-DATASET_KEYS = ["cifar10_full", "gtsrb", "cifar10"]  # page order: the well-trained zoos first
+DATASET_KEYS = ["cifar10_full", "cifar10_vgg", "gtsrb", "cifar10"]  # page order: the well-trained zoos first
 PEERS = ["Mahalanobis (peer)", "SCALE-UP", "STRIP"]
 TARGET_ATTACKS = ["badnets", "blended", "sig"]  # TPR >= 99% at delivered FPR <= 1% is required on these
 STRETCH_ATTACKS = ["wanet", "adapblend"]  # AUROC >= 0.95 on these is the stretch goal

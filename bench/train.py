@@ -8,7 +8,7 @@ CIFAR-10 -> ResNet-20, no prefix; GTSRB -> compact VGG, prefix ``gtsrb_``. Train
 every epoch under ``--ckpt-dir`` (default ``bench/cache/ckpt/``) and resumes from it when rerun with the same
 settings. The well-trained CIFAR zoo (recipes ``cifar_full``: 50k images, 45 epochs, from scratch; ``cifar_ft``:
 poisoned fine-tuning of ``cifar_full_clean``; ``cifar_vgg``: the fast VGG, 20 epochs in bfloat16 autocast, every
-attack from scratch, measured but not trained) is longer than a session: it checkpoints to the committed
+attack from scratch) is longer than a session: it checkpoints to the committed
 ``bench/checkpoints/`` so that the next session resumes it (README "CIFAR-10 well-trained zoo").
 ``--holdout FRACTION`` measures a recipe on training images held out of training, never on the test images.
 
@@ -129,8 +129,8 @@ RECIPES: dict[str, Recipe] = {
     ),
     # the fast VGG (models.FastCifarVGG, airbench's layout) on all 50k training images, batch 512, bfloat16
     # autocast, label smoothing 0.2, crops padded by 4, 20 epochs: the best of the recipe trials on images held out
-    # of the training set (bench/README.md, bench/trials/), which reached 89.3% there, too little above the 88%
-    # goal for the poisoned models, so this zoo has not been trained
+    # of the training set (bench/README.md, bench/trials/), which reached 89.3% there; the second well-trained CIFAR
+    # zoo (detection dataset cifar10_vgg), every attack from scratch
     "cifar_vgg": Recipe(
         "cifar",
         "cifar_vgg",

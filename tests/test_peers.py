@@ -460,6 +460,8 @@ def test_well_trained_cifar_rows_map_to_weights_and_attacks() -> None:
     assert ds.stem("wanet_ft") == "cifar_ft_wanet"
     assert DATASETS["gtsrb"].stem("sig") == "gtsrb_sig" and DATASETS["cifar10"].stem("badnets") == "badnets"
     assert list(DATASETS["cifar10"].model_rows()) == ["clean", *ATTACKS]
+    vgg = DATASETS["cifar10_vgg"].model_rows()  # the fast-VGG zoo: every attack from scratch, one row each
+    assert list(vgg) == ["clean", *ATTACKS] and vgg["wanet"].stem == "cifar_vgg_wanet"
     # the records on disk agree with the rows (attack and route), for the models trained so far
     weights = Path(__file__).resolve().parents[1] / "bench" / "weights"
     for spec in rows.values():
@@ -469,6 +471,12 @@ def test_well_trained_cifar_rows_map_to_weights_and_attacks() -> None:
         meta = json.loads(path.read_text())
         assert (meta.get("attack") or {}).get("name", "clean") == spec.attack, spec.stem
         assert meta["route"].startswith("poisoned fine-tuning") == (spec.route == FINE_TUNED), spec.stem
+    for spec in vgg.values():  # the fast-VGG zoo's records: its model, the row's attack, trained from scratch
+        path = weights / f"{spec.stem}.json"
+        if path.is_file():
+            meta = json.loads(path.read_text())
+            assert (meta["model"], meta["route"]) == ("cifar_vgg", "from scratch"), spec.stem
+            assert (meta.get("attack") or {}).get("name", "clean") == spec.attack, spec.stem
     with pytest.raises(ValueError, match="blended"):
         attack_from_meta("badnets", {"attack": {"name": "blended", "alpha": 0.2}})
     with pytest.raises(SystemExit):

@@ -7,7 +7,7 @@ import torch
 from layerguard.core.layers import default_plan, discover_layers
 from layerguard.core.thresholds import ThresholdPolicy
 from layerguard.demo.mnist import TARGET_CLASS, apply_trigger
-from layerguard.tooling.calibration import CalibrationConfig, calibrate
+from layerguard.tooling.calibration import CalibrationConfig, calibrate, calibrate_many
 from layerguard.tooling.data import ArraySource, ImageTransform
 from layerguard.tooling.evaluation import detection_quality, score_batches
 
@@ -72,3 +72,23 @@ def test_calibration_is_deterministic_and_batch_size_free(backdoored_mnist, mnis
     assert np.array_equal(a.loi, b.loi) and np.array_equal(a.counts, b.counts)
     assert np.allclose(a.benign.score_mean, b.benign.score_mean, atol=1e-3)
     assert np.allclose(a.thresholds, b.thresholds, atol=1e-3)
+
+
+def test_calibrate_many_equals_one_calibration_per_job(backdoored_mnist, mnist_splits):
+    """Rules, options and layer plans calibrated from one shared pair of passes give, byte for byte, the
+    artifacts `calibrate` gives each alone (bench/detection.py relies on this to compare 12 configurations)."""
+    ref = ArraySource(mnist_splits.x_ref, mnist_splits.y_ref, ImageTransform(channels=1))
+    candidates = discover_layers(backdoored_mnist, torch.zeros(1, 1, 28, 28))
+    jobs = [
+        (default_plan(candidates), CalibrationConfig()),
+        (default_plan(candidates), CalibrationConfig(rule="cosine-loi", policy=ThresholdPolicy.from_options(tau=2.5),
+                                                     folds=1)),
+        (default_plan(candidates, exclude_logits=True), CalibrationConfig(rule="mahalanobis",
+                                                                          rule_options={"layers": "penultimate"})),
+    ]
+    assert jobs[2][0].layers != jobs[0][0].layers  # the capture watches the union, each fitter its own layers
+    shared = calibrate_many(backdoored_mnist, lambda: ref.batches(64), jobs, 10)
+    for (plan, config), artifact in zip(jobs, shared):
+        alone = calibrate(backdoored_mnist, lambda: ref.batches(64), plan, 10, config)
+        assert artifact.meta == alone.meta
+        assert artifact.digest() == alone.digest()

@@ -9,7 +9,7 @@ notebook's in-sample way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..core.layers import LayerPlan
 from ..core.rules import DEFAULT_RULE, RULES, FitError
 from ..core.thresholds import ThresholdPolicy, references_for_confidence
 
-__all__ = ["Batches", "CalibrationConfig", "CalibrationError", "calibrate", "model_device"]
+__all__ = ["Batches", "CalibrationConfig", "CalibrationError", "calibrate", "calibrate_many", "model_device"]
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -77,42 +77,82 @@ def calibrate(
 
     `progress(n)` is called with the number of images after every batch of either pass.
     """
+    return calibrate_many(model, batches, [(plan, config)], num_classes, input_shape, progress)[0]
+
+
+def calibrate_many(
+    model: nn.Module,
+    batches: Batches,
+    jobs: Sequence[tuple[LayerPlan, CalibrationConfig]],
+    num_classes: int,
+    input_shape: tuple[int, ...] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[CalibrationArtifact]:
+    """Several calibrations (rules, options, layer plans) from one pair of passes, one artifact per job.
+
+    The forward passes are most of calibration's time, and they do not depend on the rule: comparing rules
+    (bench/detection.py) needs them once, with each job's fitter fed its own layers. Each artifact is the one
+    `calibrate` gives for that job alone.
+    """
+    if not jobs:
+        return []
     model.eval()
     device = model_device(model)
+    fitters = [_fitter(plan, config, num_classes) for plan, config in jobs]
+    layers = tuple(dict.fromkeys(name for plan, _ in jobs for name in plan.layers))
+    try:
+        with LayerCapture(model, layers) as capture:
+            for x, labels in _iterate(batches, num_classes, device):
+                _, feats = capture.run(x)
+                for (plan, _), fitter in zip(jobs, fitters):
+                    fitter.update(_only(feats, plan), labels)
+                if progress:
+                    progress(len(labels))
+            for (_, config), fitter in zip(jobs, fitters):
+                _require_counts(fitter.seen_per_class, config, fitter.class_names)
+                fitter.fit(device)
+            for x, labels in _iterate(batches, num_classes, device):
+                out, feats = capture.run(x)
+                predicted = _logits(out).argmax(dim=1)
+                for (plan, _), fitter in zip(jobs, fitters):
+                    fitter.update_out_of_fold(_only(feats, plan), labels, predicted)
+                if progress:
+                    progress(len(labels))
+        detectors = [fitter.detector(config.policy) for (_, config), fitter in zip(jobs, fitters)]
+    except FitError as exc:
+        raise CalibrationError(str(exc)) from exc
+    fingerprint = model_fingerprint(model)
+    return [CalibrationArtifact.from_detector(detector, _meta(plan, config, fitter.class_names, num_classes,
+                                                              fingerprint, input_shape))
+            for (plan, config), fitter, detector in zip(jobs, fitters, detectors)]
+
+
+def _fitter(plan: LayerPlan, config: CalibrationConfig, num_classes: int) -> DetectorFitter:
     names = list(config.class_names) if config.class_names else [str(i) for i in range(num_classes)]
     spec = DetectorSpec(rule=config.rule, layer_names=plan.layers, num_classes=num_classes,
                         loi_search_start=plan.loi_search_start, penultimate=plan.penultimate,
                         rule_options=dict(config.rule_options), folds=config.folds)
     try:
-        fitter = DetectorFitter(spec, names)
+        return DetectorFitter(spec, names)
     except ValueError as exc:  # a bad rule option
         raise CalibrationError(str(exc)) from exc
-    try:
-        with LayerCapture(model, plan.layers) as capture:
-            for x, labels in _iterate(batches, num_classes, device):
-                _, feats = capture.run(x)
-                fitter.update(feats, labels)
-                if progress:
-                    progress(len(labels))
-            _require_counts(fitter.seen_per_class, config, names)
-            fitter.fit(device)
-            for x, labels in _iterate(batches, num_classes, device):
-                out, feats = capture.run(x)
-                fitter.update_out_of_fold(feats, labels, _logits(out).argmax(dim=1))
-                if progress:
-                    progress(len(labels))
-        detector = fitter.detector(config.policy)
-    except FitError as exc:
-        raise CalibrationError(str(exc)) from exc
-    meta = ArtifactMeta(
+
+
+def _only(features: dict[str, torch.Tensor], plan: LayerPlan) -> dict[str, torch.Tensor]:
+    """The plan's layers, in its order (the capture may watch more, for other jobs)."""
+    return {name: features[name] for name in plan.layers}
+
+
+def _meta(plan: LayerPlan, config: CalibrationConfig, names: list[str], num_classes: int, fingerprint: str,
+          input_shape: tuple[int, ...] | None) -> ArtifactMeta:
+    return ArtifactMeta(
         rule=config.rule, rule_options=dict(config.rule_options), layer_names=plan.layers,
         num_classes=num_classes, class_names=tuple(names), threshold=config.policy.as_dict(), folds=config.folds,
         loi_search_start=plan.loi_search_start, total_layers=plan.total_layers, penultimate=plan.penultimate,
-        model_fingerprint=model_fingerprint(model), input_shape=tuple(input_shape) if input_shape else None,
+        model_fingerprint=fingerprint, input_shape=tuple(input_shape) if input_shape else None,
         layer_computations=plan.computations,
         layerguard_version=__version__,
     )
-    return CalibrationArtifact.from_detector(detector, meta)
 
 
 def _logits(output) -> torch.Tensor:

@@ -6,7 +6,8 @@ forward pass (same inputs, round-robin order, median of per-call times, glibc ho
 
   hooks-keep     forward hooks that keep each monitored layer's output (the pre-0.2 design)
   keep + score   ... then scoring from the kept outputs, layers of equal shape reduced together after the
-                 pass (what serving does up to KEEP_WHOLE_UP_TO rows, 16: layerguard/core/grouped.py)
+                 pass, in numpy (what serving does up to KEEP_WHOLE_UP_TO rows, 32: layerguard/core/grouped.py)
+  keep + score (torch)  the same reductions in torch (what a GPU or half-precision model gets)
   hooks-reduce   hooks that reduce each output to what scoring needs, inside the hook (cosine profile + rule)
   hooks-compact  the same without the cosine profile (`response: compact`)
   + score        the detector's verdicts from the reduced outputs
@@ -24,7 +25,7 @@ Models are the CIFAR ResNet-20 and ResNet-18 of bench/models.py with random weig
 what the weights learned), calibrated on random images (the statistics' values do not change the cost either).
 
     .venv/bin/python bench/guard_profile.py [--archs resnet20,resnet18_cifar] [--batches 1,16,32] [--repeats 40]
-        [--crossover-batches 1,4,8,16,32] [--crossover-repeats 40]
+        [--crossover-batches 1,4,8,16,32,64] [--crossover-repeats 40]
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ from bench.benchutil import (  # noqa: E402
 )
 from bench.models import build_model  # noqa: E402
 from layerguard.core.capture import LayerCapture  # noqa: E402
-from layerguard.core.grouped import KEEP_WHOLE_UP_TO  # noqa: E402
+from layerguard.core.grouped import KEEP_WHOLE_UP_TO, KEEP_WHOLE_UP_TO_NO_COSINE  # noqa: E402
 from layerguard.core.host import match_blas_threads  # noqa: E402
 from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
 from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
 from layerguard.tooling.calibration import CalibrationConfig, calibrate  # noqa: E402
 
-VARIANTS = ("hooks-keep", "keep + score", "hooks-reduce", "hooks-compact", "+ score", "+ notes", "+ json")
+VARIANTS = ("hooks-keep", "keep + score", "keep + score (torch)", "hooks-reduce", "hooks-compact", "+ score",
+            "+ notes", "+ json")
 
 
 def calibrated(arch: str, rule: str):
@@ -89,6 +91,10 @@ def steps(model, plan, det, xb: torch.Tensor) -> dict[str, Callable[[], object]]
         out = forward(keep)
         return det.score_outputs(keep.features(), out.argmax(dim=1))
 
+    def kept_scored_in_torch():
+        out = forward(keep)
+        return det.score_outputs(keep.features(), out.argmax(dim=1), on_host=False)
+
     def scored():
         out = forward(full)
         return det.score_reduced(full.features(), out.argmax(dim=1))
@@ -103,6 +109,7 @@ def steps(model, plan, det, xb: torch.Tensor) -> dict[str, Callable[[], object]]
         "plain": lambda: forward(None),
         "hooks-keep": lambda: (forward(keep), keep.features()),
         "keep + score": kept_scored,
+        "keep + score (torch)": kept_scored_in_torch,
         "hooks-reduce": lambda: (forward(full), full.features()),
         "hooks-compact": lambda: (forward(compact), compact.features()),
         "+ score": scored,
@@ -144,7 +151,8 @@ def measure(arch: str, rule: str, batch: int, repeats: int) -> dict:
     model, plan, det = calibrated(arch, rule)
     xb = torch.rand(batch, 3, 32, 32)
     calls, captures = steps(model, plan, det, xb)
-    attached = {"plain": None, "hooks-keep": "keep", "keep + score": "keep", "hooks-reduce": "full",
+    attached = {"plain": None, "hooks-keep": "keep", "keep + score": "keep", "keep + score (torch)": "keep",
+                "hooks-reduce": "full",
                 "hooks-compact": "compact"}
     times: dict[str, list[float]] = {k: [] for k in calls}
     order = list(calls)
@@ -207,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,16,32")
     p.add_argument("--rule", default=DEFAULT_RULE, help=f"scoring rule (default {DEFAULT_RULE})")
     p.add_argument("--repeats", type=int, default=40)
-    p.add_argument("--crossover-batches", default="1,4,8,16,32")
+    p.add_argument("--crossover-batches", default="1,4,8,16,32,64")
     p.add_argument("--crossover-repeats", type=int, default=40)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", default=None, help="accepted for bench/run_all.py; the profile uses random inputs")
@@ -230,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                                           "allocator": ALLOCATOR_NOTE if held else "glibc defaults",
                                           "repeats": args.repeats, "rows": rows,
                                           "crossover": {"repeats": args.crossover_repeats,
-                                                        "keep_whole_up_to": KEEP_WHOLE_UP_TO, "rows": cross}},
+                                                        "keep_whole_up_to": {"full": KEEP_WHOLE_UP_TO,
+                                                                             "compact": KEEP_WHOLE_UP_TO_NO_COSINE},
+                                                        "rows": cross}},
                         args.out)
     log(f"wrote {path}")
     return 0

@@ -53,7 +53,7 @@ from bench.peers import Mahalanobis, ScaleUp, Strip  # noqa: E402
 from layerguard.core.artifact import CalibrationArtifact  # noqa: E402
 from layerguard.core.capture import LayerCapture  # noqa: E402
 from layerguard.core.detector import Detector  # noqa: E402
-from layerguard.core.grouped import KEEP_WHOLE_UP_TO  # noqa: E402
+from layerguard.core.grouped import KEEP_WHOLE_UP_TO, KEEP_WHOLE_UP_TO_NO_COSINE, keep_whole_limit  # noqa: E402
 from layerguard.core.host import match_blas_threads  # noqa: E402
 from layerguard.core.layers import default_plan, discover_layers  # noqa: E402
 from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
@@ -104,15 +104,20 @@ def make_artifact(
 
 class Guarded:
     """What the serving handler does per batch (layerguard.serving.handler does the same): a forward pass whose
-    hooks reduce each monitored output to what scoring needs, or, up to KEEP_WHOLE_UP_TO rows, keep the outputs
+    hooks reduce each monitored output to what scoring needs, or, up to `keep_whole_limit` rows, keep the outputs
     to reduce after the pass; the verdicts; one JSON-ready note per item. `compact` is the `response: compact`
     setting (no per-layer similarities or terms)."""
 
-    def __init__(self, model: torch.nn.Module, detector: Detector, compact: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, detector: Detector, compact: bool = False,
+                 input_shape: tuple[int, ...] = (3, 32, 32),
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.model, self.detector, self.compact = model, detector, compact
         self.capture = LayerCapture(model, detector.layer_names, reducer=detector.reducer(similarities=not compact),
                                     keep_whole_up_to=KEEP_WHOLE_UP_TO)
         self.capture.attach()
+        # the handler's load-time probe: one row's outputs set how many rows keep whole (core/grouped.py)
+        _, kept = self.capture.run(torch.zeros(1, *input_shape).contiguous(memory_format=memory_format))
+        self.capture.keep_whole_up_to = keep_whole_limit(kept, detector.computes_similarities(not compact))
 
     def __call__(self, x: torch.Tensor) -> list[dict]:
         self.capture.clear()
@@ -205,12 +210,14 @@ def latency(
 ) -> dict[str, Any]:
     """``latency_one`` per batch size; the guarded model is a deep copy so the plain one carries no hooks."""
     full, compact = Guarded(copy.deepcopy(model), detector), Guarded(copy.deepcopy(model), detector, compact=True)
+    # fed channels_last inputs, the layers return channels_last outputs: its own probe sees them as serving would
+    full_cl = Guarded(copy.deepcopy(model), detector, memory_format=torch.channels_last)
     out: dict[str, Any] = {}
     # Inputs as a TorchServe handler's torch.stack makes them (contiguous NCHW), plus the largest batch in the
     # channels_last layout; and every batch size again with `response: compact` (no per-layer detail, so the
     # hooks skip the cosine profile).
     cases = [(str(b), b, torch.contiguous_format, full) for b in batches]
-    cases.append((f"{max(batches)}, channels_last", max(batches), torch.channels_last, full))
+    cases.append((f"{max(batches)}, channels_last", max(batches), torch.channels_last, full_cl))
     cases += [(f"{b}, compact", b, torch.contiguous_format, compact) for b in batches]
     for key, b, layout, guarded in cases:
         n = repeats * 4 if b == 1 else repeats  # batch 1 is cheap and its few-ms timings are the noisiest
@@ -221,8 +228,8 @@ def latency(
             f"ms (CPU time), added {100 * (r['cpu_ratio_of_medians'] - 1):+.1f}% (wall: "
             f"{100 * (r['wall_ratio_of_medians'] - 1):+.1f}%)"
         )
-    full.capture.detach()
-    compact.capture.detach()
+    for guarded in (full, compact, full_cl):
+        guarded.capture.detach()
     return out
 
 
@@ -425,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         "allocator": allocator,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "keep_whole_up_to": {"full": KEEP_WHOLE_UP_TO, "compact": KEEP_WHOLE_UP_TO_NO_COSINE},
         "seconds": round(time.time() - t_start, 1),
         "models": results,
     }

@@ -815,8 +815,9 @@ def overhead_section(ov: dict[str, Any]) -> list[str]:
     lines += table(hdr, rows)
     lines += ["", "\"Guarded\" is what the serving handler does per batch: the forward pass with hooks that "
               "reduce each monitored output to what scoring needs inside the hook (cosine profile and the rule's "
-              "pooled features) or, for batches of up to 16 rows, keep the outputs to reduce after the pass, layers of "
-              "equal shape together (layerguard/core/grouped.py); `Detector.score_capture` and one JSON note per "
+              f"pooled features) or, for batches of up to {kept_rows_text(ov.get('keep_whole_up_to', 16))}, keep "
+              "the outputs to reduce after the pass, layers of equal shape together, in numpy for CPU outputs "
+              "(layerguard/core/grouped.py); `Detector.score_capture` and one JSON note per "
               "item; \"compact\" rows are the `response: compact` setting, which skips the cosine profile and whose "
               "notes carry no per-layer detail. CPU time is the thread's own CPU time (one torch thread, so all the"
               " work is on it); wall time on this shared 2-core machine also counts time the scheduler gave to "
@@ -851,6 +852,13 @@ def overhead_section(ov: dict[str, Any]) -> list[str]:
     return lines
 
 
+def kept_rows_text(limit: int | dict[str, int]) -> str:
+    """The kept-whole row limit a cost run used: one number (before compact responses had their own) or both."""
+    if isinstance(limit, dict):
+        return f"{limit['full']} rows ({limit['compact']} with `response: compact`)"
+    return f"{limit} rows"
+
+
 def profile_section(gp: dict[str, Any]) -> list[str]:
     """Where the guarded path spends its time beyond the forward pass, step by step (bench/guard_profile.py)."""
     lines = ["### Where the guarded path spends its time", "",
@@ -859,20 +867,25 @@ def profile_section(gp: dict[str, Any]) -> list[str]:
              f"{gp['allocator']}. Each row adds one piece of what a guarded worker does to a batch; the numbers are "
              "the time added over the plain forward pass, in % of it (random weights: timing does not depend on "
              "what the weights learned).", ""]
+    kept_rows = (gp.get("crossover") or {}).get("keep_whole_up_to", 16)
+    kept_rows = kept_rows["full"] if isinstance(kept_rows, dict) else kept_rows
     labels = {"hooks-keep": "hooks that keep each monitored output",
-              "keep + score": "... then verdicts from the kept outputs, layers of equal shape reduced together "
-                              "(what serving does up to 16 rows)",
+              "keep + score": "... then verdicts from the kept outputs, layers of equal shape reduced together, "
+                              f"in numpy (what serving does up to {kept_rows} rows)",
+              "keep + score (torch)": "... the same with the kept outputs reduced in torch (as on a GPU or in half "
+                                      "precision; before 2026-12-08 also on the CPU)",
               "hooks-reduce": "hooks that reduce each output inside the hook (cosine profile + rule terms)",
               "hooks-compact": "the same without the cosine profile (`response: compact`)",
               "+ score": "hooks-reduce + verdicts (similarities, rule terms, score, threshold; what serving does "
-                         "over 16 rows)",
+                         f"over {kept_rows} rows)",
               "+ notes": "+ per-item JSON-ready notes",
               "+ json": "+ each item's response body as JSON (what TorchServe sends)"}
     rows = gp["rows"]
     head = ["step"] + [f"{r['arch']} b={r['batch']}" for r in rows]
     body = [["plain forward pass (ms)"] + [num(r["plain_ms"], 2) for r in rows]]
     for key, label in labels.items():
-        body.append([label] + [f"{r[key]['added_pct']:+.1f}% ({r[key]['added_ms']:+.2f} ms)" for r in rows])
+        if all(key in r for r in rows):  # a step added later is absent from older result files
+            body.append([label] + [f"{r[key]['added_pct']:+.1f}% ({r[key]['added_ms']:+.2f} ms)" for r in rows])
     body.append(["response body per item (bytes)"] + [str(r["response_bytes_per_item"]) for r in rows])
     lines += table(head, body)
     first = rows[0] if rows else None
@@ -901,8 +914,8 @@ def crossover_section(cross: dict[str, Any] | None) -> list[str]:
     lines = ["#### Reduce in the hooks, or keep the outputs and reduce after the pass?", "",
              "The whole guarded path of bench/overhead.py (forward pass, verdicts, notes) both ways, CPU time added "
              f"to the plain pass (median over {cross['repeats']} rounds of the per-round ratio). Serving keeps the "
-             f"outputs up to {cross['keep_whole_up_to']} rows (`KEEP_WHOLE_UP_TO`, layerguard/core/grouped.py) "
-             "and reduces in the hooks above.", ""]
+             f"outputs up to {kept_rows_text(cross['keep_whole_up_to'])} (`KEEP_WHOLE_UP_TO`, "
+             "layerguard/core/grouped.py) and reduces in the hooks above.", ""]
     rows = [[r["arch"], str(r["batch"]), num(r["plain_ms"], 2)] + [f"{r[k]:+.1f}%" for k in paths]
             for r in cross["rows"]]
     lines += table(["model", "batch", "plain ms (CPU)", *paths], rows)

@@ -53,7 +53,6 @@ from bench.benchutil import (  # noqa: E402
 from bench.data import default_data_path, load_cifar  # noqa: E402
 from bench.overhead import load_bench_model, stratified  # noqa: E402
 from layerguard.core.detector import Detection  # noqa: E402
-from layerguard.core.grouped import KEEP_WHOLE_UP_TO  # noqa: E402
 from layerguard.core.rules import DEFAULT_RULE  # noqa: E402
 from layerguard.tooling.calibration import CalibrationConfig  # noqa: E402
 from layerguard.tooling.data import ArraySource, encode_png  # noqa: E402
@@ -232,9 +231,11 @@ def stage_targets(handler: tuple[Any, Any]) -> list[tuple[str, Any, str, str | N
     guard = guard_for(str(context.system_properties["model_dir"]))
     return [("preprocess (PNG decode, stack)", guard.inner, "preprocess", None),
             (FORWARD, guard.inner, "inference", None),
-            (f"monitored layers' reductions in their hooks (batches over {KEEP_WHOLE_UP_TO})", guard.capture,
+            (f"monitored layers' reductions in their hooks (batches over {guard.capture.keep_whole_up_to})",
+             guard.capture,
              "_reducer", FORWARD),
-            (f"verdicts (Detector.score_capture; up to {KEEP_WHOLE_UP_TO} rows it reduces the kept outputs)",
+            (f"verdicts (Detector.score_capture; up to {guard.capture.keep_whole_up_to} rows it reduces the kept "
+             "outputs)",
              guard.detector, "score_capture", None),
             ("JSON-ready notes (Detection.items)", Detection, "items", None),
             ("postprocess (softmax, top class)", guard.inner, "postprocess", None),

@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from layerguard.core.capture import LayerCapture, ModifiedInPlace
-from layerguard.core.grouped import GroupedReduction
+from layerguard.core.grouped import (
+    KEEP_WHOLE_UP_TO,
+    KEEP_WHOLE_UP_TO_NO_COSINE,
+    GroupedReduction,
+    keep_whole_limit,
+)
 from layerguard.core.layers import plan_for
 from layerguard.core.rules import RULES
 from layerguard.tooling.calibration import CalibrationConfig, calibrate
@@ -140,3 +145,54 @@ def test_kept_output_changed_in_place_is_refused_not_scored():
             capture.run(torch.rand(2, 4))
         capture.keep_whole_up_to = 0
         capture.run(torch.rand(2, 4))  # reduced inside the hook, before the change: fine
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_numpy_and_torch_reductions_of_kept_outputs_agree(data, rule, layout):
+    """CPU float32 outputs are reduced in numpy (`ScoringRule.reduce_host`), others in torch: both must give the
+    same reductions and similarities, so a verdict does not depend on where the model runs."""
+    model, x, y = data
+    _, det = detector_for(model, x, y, rule)
+    model = copy.deepcopy(model).to(memory_format=layout)
+    with torch.no_grad(), LayerCapture(model, det.layer_names) as capture:
+        pred = model(torch.rand(6, 3, 6, 6).contiguous(memory_format=layout)).argmax(dim=1)
+        outputs = capture.features()
+    classes = pred.numpy()
+    grouped = GroupedReduction(det.profile, det.rule)
+    assert grouped._planned(outputs).on_host
+    on_host, host_sims = grouped.reduce(outputs, classes)
+    in_torch, torch_sims = grouped.reduce(outputs, classes, on_host=False)
+    assert isinstance(host_sims, np.ndarray) and isinstance(torch_sims, torch.Tensor)
+    assert np.allclose(host_sims, torch_sims.numpy(), atol=1e-5)
+    assert on_host.keys() == in_torch.keys()
+    for name, value in on_host.items():
+        expected = in_torch[name]
+        if isinstance(value, tuple):
+            for mine, theirs in zip(value, expected, strict=True):
+                assert np.allclose(mine, theirs, atol=1e-5)
+        else:
+            assert (value is None and expected is None) or np.allclose(value, expected, atol=1e-5)
+
+
+def test_half_precision_outputs_are_reduced_in_torch(data):
+    model, x, y = data
+    _, det = detector_for(model, x, y, "mahalanobis-spread")
+    with torch.no_grad(), LayerCapture(model, det.layer_names) as capture:
+        model(x[:3])
+        outputs = {n: t.to(torch.bfloat16) for n, t in capture.features().items()}
+    grouped = GroupedReduction(det.profile, det.rule)
+    assert not grouped._planned(outputs).on_host  # numpy has no bfloat16
+    reduced, sims = grouped.reduce(outputs, np.zeros(3, dtype=np.int64))
+    assert isinstance(sims, torch.Tensor) and sims.shape == (3, len(det.layer_names))
+
+
+def test_keep_whole_limit_holds_kept_outputs_under_the_memory_budget():
+    outputs = {"a": torch.zeros(2, 1000), "b": torch.zeros(2, 24)}  # 4096 bytes per row
+    assert keep_whole_limit(outputs, up_to=32, budget=10**6) == 32
+    assert keep_whole_limit(outputs, up_to=32, budget=4096 * 5 + 100) == 5
+    assert keep_whole_limit(outputs, up_to=32, budget=4000) == 0
+    assert keep_whole_limit(outputs) == KEEP_WHOLE_UP_TO
+    assert keep_whole_limit(outputs, similarities=False) == KEEP_WHOLE_UP_TO_NO_COSINE
+    maps = {"a": torch.zeros(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)}
+    assert keep_whole_limit(maps) == KEEP_WHOLE_UP_TO_NO_COSINE  # copied into NCHW order after the pass

@@ -105,9 +105,11 @@ def test_batch_equals_one_at_a_time(served, images):
 
 
 def test_small_batches_kept_whole_score_as_large_ones_reduced_in_the_hooks(served, images):
-    """Up to KEEP_WHOLE_UP_TO rows the outputs are reduced after the pass, above it inside the hooks."""
+    """Up to the capture's limit (KEEP_WHOLE_UP_TO rows for this small model) the outputs are reduced after the
+    pass, above it inside the hooks."""
     from layerguard.core.grouped import KEEP_WHOLE_UP_TO
 
+    assert served.guard.capture.keep_whole_up_to == KEEP_WHOLE_UP_TO
     clean, triggered, _ = images
     half = KEEP_WHOLE_UP_TO // 2 + 1
     large = served(clean[:half] + triggered[:half])
@@ -118,6 +120,30 @@ def test_small_batches_kept_whole_score_as_large_ones_reduced_in_the_hooks(serve
         assert a["class"] == b["class"] and a["layerguard"]["poisoned"] == b["layerguard"]["poisoned"]
         assert a["layerguard"]["score"] == pytest.approx(b["layerguard"]["score"], abs=1e-4)
         assert a["layerguard"]["similarities"] == pytest.approx(b["layerguard"]["similarities"], abs=1e-5)
+
+
+def test_probe_keeps_whole_only_as_many_rows_as_fit_the_memory_budget(archives, tmp_path, images, monkeypatch):
+    """A model with large monitored outputs keeps fewer rows past the forward pass (KEEP_WHOLE_BYTES); the
+    verdicts do not change, only where the outputs are reduced."""
+    import layerguard.core.grouped as grouped
+
+    served = Served(extract(archives["guarded"], tmp_path / "d"))
+    guard = served.guard
+    clean, triggered, _ = images
+    before = served(clean[:3] + triggered[:3])
+    assert guard.capture.kept_whole
+    guard._probe_pass(guard.artifact.meta.input_shape)  # one row's monitored outputs, to size the budget
+    row_bytes = sum(t.numel() * t.element_size() for t in guard.capture.features().values())
+    monkeypatch.setattr(grouped, "KEEP_WHOLE_BYTES", 2 * row_bytes + row_bytes // 2)
+    guard._probe(served.context)
+    assert guard.capture.keep_whole_up_to == 2
+    after = served(clean[:3] + triggered[:3])
+    assert not guard.capture.kept_whole  # 6 rows > 2: reduced in the hooks
+    assert [r[2]["layerguard"]["score"] for r in after] == pytest.approx(
+        [r[2]["layerguard"]["score"] for r in before], abs=1e-4)
+    monkeypatch.setattr(grouped, "KEEP_WHOLE_BYTES", row_bytes // 2)
+    guard._probe(served.context)
+    assert guard.capture.keep_whole_up_to == 0
 
 
 def test_probe_that_sees_a_monitored_output_changed_in_place_reduces_every_batch_in_the_hooks(archives, tmp_path,
@@ -335,6 +361,12 @@ def test_compact_response_drops_per_layer_detail(archives, tmp_path, images):
                              lambda c: c["handler"]["layerguard"].update(response="compact")))
     note = compact([images[0][0]])[0][2]["layerguard"]
     assert set(note) == {"poisoned", "score", "threshold", "layer_of_interest"}
+    from layerguard.core.grouped import KEEP_WHOLE_UP_TO, KEEP_WHOLE_UP_TO_NO_COSINE
+
+    # without the cosine profile, a hook's moments of a still-cached activation win from 32 rows on
+    rule = compact.guard.detector.rule
+    assert compact.guard.capture.keep_whole_up_to == (
+        KEEP_WHOLE_UP_TO if rule.needs_similarities else KEEP_WHOLE_UP_TO_NO_COSINE)
 
 
 def test_torchscript_refused_with_what_to_ship(tmp_path, backdoored_mnist):

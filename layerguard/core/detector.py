@@ -119,7 +119,7 @@ class Detector:
         self.rule.to(device)
         return self
 
-    def _needs_similarities(self, similarities: bool) -> bool:
+    def computes_similarities(self, similarities: bool) -> bool:
         """Whether the cosine profile is computed: when the response shows it, or the rule is built on it."""
         return similarities or self.rule.needs_similarities
 
@@ -127,7 +127,7 @@ class Detector:
         """`reduce(name, output)` for `LayerCapture(reducer=...)`: each layer's output is reduced to what
         scoring needs inside its hook (a few numbers per input), so no activation is kept past its layer.
         `similarities=False` skips the cosine profile when the rule does not need it (compact responses)."""
-        cosine = self._needs_similarities(similarities)
+        cosine = self.computes_similarities(similarities)
 
         def reduce(name: str, output: torch.Tensor) -> tuple:
             ruled = self.rule.reduce(name, output)
@@ -165,16 +165,17 @@ class Detector:
             if with_sims else None
         return self._verdicts({n: reduced[n][1] for n in self.layer_names}, classes, sims)
 
-    def score_outputs(self, outputs: dict[str, torch.Tensor], predicted: torch.Tensor, similarities: bool = True
-                      ) -> Detection:
+    def score_outputs(self, outputs: dict[str, torch.Tensor], predicted: torch.Tensor, similarities: bool = True,
+                      on_host: bool | None = None) -> Detection:
         """Verdicts for one batch from its monitored layers' whole outputs, reduced after the forward pass with
         layers of equal shape together (`GroupedReduction`: the cheaper way at small batches). The same
-        verdicts as `score_reduced` on the hooks' reductions."""
+        verdicts as `score_reduced` on the hooks' reductions. `on_host=False` reduces in torch even where numpy
+        could (for comparisons)."""
         classes = self._classes(predicted)
         if self._grouped is None:
             self._grouped = GroupedReduction(self.profile, self.rule)
-        with_sims = self._needs_similarities(similarities)
-        ruled, sims = self._grouped.reduce(outputs, self._on_device(classes) if with_sims else None, with_sims)
+        with_sims = self.computes_similarities(similarities)
+        ruled, sims = self._grouped.reduce(outputs, classes, with_sims, on_host)
         return self._verdicts(ruled, classes, sims)
 
     def score_capture(self, capture: LayerCapture, predicted: torch.Tensor, similarities: bool = True) -> Detection:

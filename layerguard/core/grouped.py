@@ -5,29 +5,60 @@ layer. At serving batch sizes those ops cost their dispatch, not their arithmeti
 pay for some thirty ops. After the forward pass, layers of the same shape (the blocks of one ResNet stage) can
 be reduced as one batch, and the predicted class is known, so the cosine needs one centroid per item instead of
 every class's. Measured on the CIFAR ResNet-20 and ResNet-18 (bench/guard_profile.py's crossover: the whole
-guarded path both ways, paired against the plain pass): cheaper up to batch 16, no cheaper at batch 32, where the
-activations are large and reducing each one while it is still in cache catches up. `KEEP_WHOLE_UP_TO` is that
-crossover; `LayerCapture(keep_whole_up_to=...)` applies it.
+guarded path both ways, paired against the plain pass; docs/benchmarks.md): with the numpy reductions below,
+cheaper on the ResNet-20 up to batch 32 and no dearer on the ResNet-18 when the cosine profile is computed (the
+full response), which after the pass needs one centroid per item instead of every class's. Without it (the
+compact response) a hook's two moments of a still-cached activation cost less from batch 32 on. Hence
+`KEEP_WHOLE_UP_TO` rows with the cosine, `KEEP_WHOLE_UP_TO_NO_COSINE` without; `LayerCapture(keep_whole_up_to=...)`
+applies the limit. Kept outputs stay in memory until scoring, so a model whose monitored outputs are large keeps
+fewer rows: `keep_whole_limit` holds them under `KEEP_WHOLE_BYTES` (the serving handler applies it from its
+load-time probe).
 
 The result is the same as the hooks' reductions (the rules' reductions are row by row; tested), only computed
 in fewer ops.
+
+Kept outputs in host memory (a CPU model's float32 activations) are reduced in numpy, on zero-copy views
+(`ScoringRule.reduce_host`): a numpy op on these small batches costs a fraction of a torch op's dispatch, which
+is what this path pays for (core/host.py). bench/guard_profile.py measures both ("keep + score" and its torch
+form, docs/benchmarks.md): numpy is cheaper at the smallest batches, where dispatch is the cost, and level with
+torch within the measurement's noise from about 16 rows. Other outputs (a GPU, half precision) are reduced in
+torch on their device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from .host import host
+from .host import host, last_axis_dots
 from .rules.base import ScoringRule
 from .similarity import CosineProfile
 
-__all__ = ["KEEP_WHOLE_UP_TO", "GroupedReduction"]
+__all__ = ["KEEP_WHOLE_BYTES", "KEEP_WHOLE_UP_TO", "KEEP_WHOLE_UP_TO_NO_COSINE", "GroupedReduction",
+           "keep_whole_limit"]
 
-KEEP_WHOLE_UP_TO = 16  # batches of at most this many rows are reduced after the forward pass
+KEEP_WHOLE_UP_TO = 32  # batches of at most this many rows are reduced after the forward pass, with the cosine
+KEEP_WHOLE_UP_TO_NO_COSINE = 16  # ... without it (compact responses of rules not built on it)
+KEEP_WHOLE_BYTES = 32 * 2**20  # ... as long as their monitored outputs take at most this much memory
+
+
+def keep_whole_limit(outputs: dict[str, torch.Tensor], similarities: bool = True, up_to: int | None = None,
+                     budget: int | None = None) -> int:
+    """The largest batch that keeps whole outputs: `up_to` rows (`KEEP_WHOLE_UP_TO` when the cosine profile is
+    computed on contiguous outputs, else `KEEP_WHOLE_UP_TO_NO_COSINE`: a channels_last output is copied into NCHW
+    order to be reduced after the pass, which the hooks' reductions need not), fewer when that many rows of these
+    monitored outputs (one forward pass's, any batch size) would take more than `budget` bytes
+    (`KEEP_WHOLE_BYTES`); 0 when one row would."""
+    if up_to is None:
+        contiguous = all(t.is_contiguous() for t in outputs.values())
+        up_to = KEEP_WHOLE_UP_TO if similarities and contiguous else KEEP_WHOLE_UP_TO_NO_COSINE
+    budget = KEEP_WHOLE_BYTES if budget is None else budget
+    rows = max(1, next(iter(outputs.values())).shape[0]) if outputs else 1
+    per_row = sum(t.numel() * t.element_size() for t in outputs.values()) / rows
+    return up_to if per_row == 0 else int(min(up_to, budget // per_row))
 
 
 def _split_rows(value: Any, parts: int) -> list[Any]:
@@ -41,6 +72,16 @@ def _split_rows(value: Any, parts: int) -> list[Any]:
     return [value] * parts
 
 
+class _Plan(NamedTuple):
+    """How one batch shape is reduced, worked out once per shape."""
+
+    signature: tuple  # (shape, dtype, device) of every monitored output
+    groups: list[tuple[str, ...]]  # layers reduced together, in forward order
+    order: torch.Tensor | None  # puts the groups' rows back in layer order (None: they already are)
+    host_order: np.ndarray | None  # the same, for the numpy path
+    on_host: bool  # float32 outputs in CPU memory and a CPU profile: reduced in numpy
+
+
 class GroupedReduction:
     """Per batch: the rule's reduction of every monitored layer and the cosine similarities to the predicted
     classes, from the layers' whole outputs."""
@@ -49,23 +90,32 @@ class GroupedReduction:
         self.profile = profile
         self.rule = rule
         self.layer_names = profile.layer_names
-        self._plan: tuple[tuple, list[tuple[str, ...]], torch.Tensor | None] | None = None
+        self._plan: _Plan | None = None
         self._centroids: dict[tuple[str, ...], torch.Tensor] = {}
+        self._host_centroids: dict[tuple[str, ...], np.ndarray] = {}
 
     def _groups(self, outputs: dict[str, torch.Tensor]) -> tuple[list[tuple[str, ...]], torch.Tensor | None]:
         """Layers grouped by (shape, dtype, device, the rule's reduction key), in forward order; and the order
-        that puts the groups' rows back in layer order (None: they already are). Cached per batch shape."""
+        that puts the groups' rows back in layer order (None: they already are)."""
+        plan = self._planned(outputs)
+        return plan.groups, plan.order
+
+    def _planned(self, outputs: dict[str, torch.Tensor]) -> _Plan:
+        """The plan for these outputs' shapes, dtypes and devices (cached: a worker sees few batch shapes)."""
         signature = tuple((tuple(outputs[n].shape), outputs[n].dtype, outputs[n].device) for n in self.layer_names)
-        if self._plan is None or self._plan[0] != signature:
+        if self._plan is None or self._plan.signature != signature:
             by_key: dict[tuple, list[str]] = {}
             for name, (shape, dtype, device) in zip(self.layer_names, signature):
                 by_key.setdefault((shape, dtype, device, self.rule.reduction_key(name)), []).append(name)
             groups = [tuple(names) for names in by_key.values()]
             stacked_order = [n for names in groups for n in names]
-            order = None if stacked_order == list(self.layer_names) else torch.tensor(
-                [stacked_order.index(n) for n in self.layer_names], device=self.profile.device)
-            self._plan = (signature, groups, order)
-        return self._plan[1], self._plan[2]
+            index = [stacked_order.index(n) for n in self.layer_names]
+            same = stacked_order == list(self.layer_names)
+            on_host = self.profile.device.type == "cpu" and all(
+                dtype == torch.float32 and device.type == "cpu" for _, dtype, device in signature)
+            self._plan = _Plan(signature, groups, None if same else torch.tensor(index, device=self.profile.device),
+                               None if same else np.asarray(index, dtype=np.int64), on_host)
+        return self._plan
 
     def _unit_centroids(self, names: tuple[str, ...]) -> torch.Tensor:
         """[G, C, D] the group's unit centroids, stacked once."""
@@ -73,11 +123,52 @@ class GroupedReduction:
             self._centroids[names] = torch.stack([self.profile.unit_centroids[n] for n in names])
         return self._centroids[names]
 
-    def reduce(self, outputs: dict[str, torch.Tensor], classes: torch.Tensor, similarities: bool = True
-               ) -> tuple[dict[str, Any], torch.Tensor | None]:
-        """(the rule's reduction per layer, as `rule.reduce` would give it; [B, K] cosine similarities to
-        `classes`' centroids, or None without `similarities`)."""
-        groups, order = self._groups(outputs)
+    def _unit_centroids_host(self, names: tuple[str, ...]) -> np.ndarray:
+        """[G, C, D] the group's unit centroids as one numpy array (the profile is on the CPU)."""
+        if names not in self._host_centroids:
+            self._host_centroids[names] = self._unit_centroids(names).numpy()
+        return self._host_centroids[names]
+
+    def reduce(self, outputs: dict[str, torch.Tensor], classes: np.ndarray, similarities: bool = True,
+               on_host: bool | None = None) -> tuple[dict[str, Any], np.ndarray | torch.Tensor | None]:
+        """(the rule's reduction per layer, as `rule.reduce` would give it; [B, K] cosine similarities to the
+        centroids of `classes` ([B] int64), or None without `similarities`). In numpy when the outputs allow it
+        (see `_Plan.on_host`), else in torch on their device; `on_host=False` forces torch (tests compare)."""
+        plan = self._planned(outputs)
+        if plan.on_host and on_host is not False:
+            return self._reduce_host(plan, outputs, classes, similarities)
+        targets = torch.from_numpy(classes).to(self.profile.device) if similarities else None
+        return self._reduce_torch(plan, outputs, targets, similarities)
+
+    def _reduce_host(self, plan: _Plan, outputs: dict[str, torch.Tensor], classes: np.ndarray, similarities: bool
+                     ) -> tuple[dict[str, Any], np.ndarray | None]:
+        """In numpy, on zero-copy views of the CPU outputs."""
+        reduced: dict[str, Any] = {}
+        dots: list[np.ndarray] = []
+        norms: list[np.ndarray] = []
+        for names in plan.groups:
+            arrays = [outputs[n].numpy() for n in names]
+            stacked = np.stack(arrays) if len(arrays) > 1 else arrays[0][None]  # [G, B, ...]
+            parts, batch = stacked.shape[:2]
+            ruled = self.rule.reduce_host(names[0], stacked.reshape(parts * batch, *stacked.shape[2:]))
+            reduced.update(zip(names, _split_rows(ruled, parts)))
+            if not similarities:
+                continue
+            flat = stacked.reshape(parts, batch, -1)
+            norm = self.rule.output_norms(names[0], ruled)
+            norms.append(np.sqrt(last_axis_dots(flat, flat)) if norm is None
+                         else np.asarray(norm, dtype=np.float32).reshape(parts, batch))
+            # the predicted class's centroid only: one row per item, not C
+            dots.append(last_axis_dots(flat, self._unit_centroids_host(names).take(classes, axis=1)))
+        if not similarities:
+            return reduced, None
+        sims = np.concatenate(dots) / np.maximum(np.concatenate(norms), np.float32(1e-12))  # [K, B] in group order
+        return reduced, (sims if plan.host_order is None else sims.take(plan.host_order, axis=0)).T
+
+    def _reduce_torch(self, plan: _Plan, outputs: dict[str, torch.Tensor], classes: torch.Tensor | None,
+                      similarities: bool) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """In torch, on the outputs' device (a GPU, half precision)."""
+        groups, order = plan.groups, plan.order
         reduced: dict[str, Any] = {}
         dots: list[torch.Tensor] = []
         norms: list[torch.Tensor] = []

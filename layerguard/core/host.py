@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["host", "match_blas_threads"]
+__all__ = ["host", "last_axis_dots", "last_axis_sums", "match_blas_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,21 @@ def host(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(host(v) for v in value)
     return value
+
+
+def last_axis_sums(a: np.ndarray) -> np.ndarray:
+    """[..., N] -> [...] float32 sums over the last axis, as one matrix-vector product: numpy's own `sum` over a
+    short last axis runs about 5x slower (ResNet-20's [96, 32, 256] kept maps: 168 us against 33 us, one core)."""
+    rows = a.reshape(-1, a.shape[-1])
+    if rows.dtype != np.float32:
+        rows = rows.astype(np.float32)
+    return (rows @ np.ones(a.shape[-1], dtype=np.float32)).reshape(a.shape[:-1])
+
+
+def last_axis_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[..., N] . [..., N] -> [...] dot products over the last axis, as batched 1 x N by N x 1 products: about 2x
+    faster than einsum on these shapes (and `b` may be `a`, for squared norms)."""
+    return (a[..., None, :] @ b[..., :, None])[..., 0, 0]
 
 
 def match_blas_threads(threads: int | None = None) -> int | None:

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .host import last_axis_sums
 from .stats import ClassSums
 
-__all__ = ["CosineProfile", "flatten", "layer_of_interest", "pool"]
+__all__ = ["CosineProfile", "flatten", "layer_of_interest", "pool", "pool_host"]
 
 MATMUL_MAX_CLASSES = 64  # up to here, scoring against all centroids at once is the cheaper way
 
@@ -33,6 +34,15 @@ def pool(t: torch.Tensor) -> torch.Tensor:
     if t.dim() > 2:
         return t.flatten(2).mean(dim=2)
     return t if t.dim() == 2 else t[:, None]
+
+
+def pool_host(a: np.ndarray) -> np.ndarray:
+    """`pool` for a host array: [B, C, ...] -> [B, C] float32 spatial means; [B, D] as is (float32)."""
+    if a.ndim > 2:
+        a = a.reshape(a.shape[0], a.shape[1], -1)
+        return last_axis_sums(a) * np.float32(1.0 / a.shape[2])
+    a = a if a.ndim == 2 else a[:, None]
+    return a if a.dtype == np.float32 else a.astype(np.float32)
 
 
 def layer_of_interest(mean_curve: np.ndarray, search_start: int) -> int:

@@ -31,7 +31,7 @@ from torch import nn
 from ..core.artifact import SIGNING_KEY_ENV, ArtifactError, CalibrationArtifact, read_signing_key
 from ..core.capture import LayerCapture, ModifiedInPlace
 from ..core.detector import Detector
-from ..core.grouped import KEEP_WHOLE_UP_TO
+from ..core.grouped import KEEP_WHOLE_UP_TO, keep_whole_limit
 from ..core.host import match_blas_threads
 from . import metrics as m
 from .inner import GuardLoadError, device_of, guardable_model, load_inner_handler, overrides_handle
@@ -159,7 +159,9 @@ class LayerGuardHandler:
             return
         try:
             try:
-                self.capture.features()
+                # small batches keep their outputs whole, as many rows as fit the memory budget (core/grouped.py)
+                self.capture.keep_whole_up_to = keep_whole_limit(
+                    self.capture.features(), self.detector.computes_similarities(self.policy.response == "full"))
             except ModifiedInPlace:
                 logger.info("layerguard: a monitored output is modified in place later in the forward pass; "
                             "every batch is reduced inside the hooks")

@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..host import host
+
 __all__ = ["FitError", "LayerStatistics", "ScoringRule"]
 
 
@@ -100,15 +102,23 @@ class ScoringRule(ABC):
         `terms` receives it as numpy (`core.host.host`)."""
         return None
 
+    def reduce_host(self, name: str, output: np.ndarray) -> Any:
+        """`reduce` for an output already in host memory (a CPU layer output kept past the forward pass, as a numpy
+        view), returning numpy. Why a second form: at serving's small batches a numpy op costs a fraction of a torch
+        op's dispatch (core/host.py), so the kept outputs are reduced in numpy (`GroupedReduction`). This default
+        goes through `reduce` and is right for any rule; rules override it with the same arithmetic in numpy."""
+        return host(self.reduce(name, torch.from_numpy(output)))
+
     def reduction_key(self, name: str) -> Hashable:
         """Layers with equal keys and equal output shapes are reduced the same way, row by row, so serving may
         reduce them as one stacked batch (`GroupedReduction`). The default, the layer's own name, never groups:
         a rule opts in by saying which layers its `reduce` treats alike."""
         return name
 
-    def output_norms(self, name: str, reduced: Any) -> torch.Tensor | None:
-        """[B] L2 norm of the layer's whole output when `reduce`'s result already determines it (the cosine
-        profile then skips its own pass over the activation); None: it does not."""
+    def output_norms(self, name: str, reduced: Any) -> torch.Tensor | np.ndarray | None:
+        """[B] L2 norm of the layer's whole output when `reduce`'s (or `reduce_host`'s) result already determines
+        it, as a tensor or a numpy array like that result (the cosine profile then skips its own pass over the
+        activation); None: it does not."""
         return None
 
     @abstractmethod

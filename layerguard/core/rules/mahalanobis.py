@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..similarity import pool
+from ..similarity import pool, pool_host
 from ..stats import ClassScatter
 from .base import FitError, LayerStatistics, ScoringRule
 
@@ -137,6 +137,9 @@ class MahalanobisRule(ScoringRule):
             return None
         pooled = pool(output)
         return pooled if pooled.dtype == torch.float32 else pooled.float()
+
+    def reduce_host(self, name: str, output: np.ndarray) -> np.ndarray | None:
+        return pool_host(output) if name in self._term_set else None
 
     def _layer_groups(self) -> list[tuple[list[int], list[str], np.ndarray, np.ndarray]]:
         """Layers of equal width, stacked (for the nearest-class reference): one batched matmul per width instead

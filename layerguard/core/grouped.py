@@ -18,11 +18,11 @@ The result is the same as the hooks' reductions (the rules' reductions are row b
 in fewer ops.
 
 Kept outputs in host memory (a CPU model's float32 activations) are reduced in numpy, on zero-copy views
-(`ScoringRule.reduce_host`): a numpy op on these small batches costs a fraction of a torch op's dispatch, which
-is what this path pays for (core/host.py). bench/guard_profile.py measures both ("keep + score" and its torch
-form, docs/benchmarks.md): numpy is cheaper at the smallest batches, where dispatch is the cost, and level with
-torch within the measurement's noise from about 16 rows. Other outputs (a GPU, half precision) are reduced in
-torch on their device.
+(`ScoringRule.reduce_host`; a rule may keep a reduction in torch there, on the same memory, as
+`mahalanobis-spread` does for its moments): a numpy op on these small batches costs a fraction of a torch op's
+dispatch, which is what this path pays for (core/host.py). bench/guard_profile.py measures both ("keep + score"
+and its torch form, docs/benchmarks.md). Other outputs (a GPU, half precision) are reduced in torch on their
+device.
 """
 
 from __future__ import annotations

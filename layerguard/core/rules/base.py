@@ -106,7 +106,8 @@ class ScoringRule(ABC):
         """`reduce` for an output already in host memory (a CPU layer output kept past the forward pass, as a numpy
         view), returning numpy. Why a second form: at serving's small batches a numpy op costs a fraction of a torch
         op's dispatch (core/host.py), so the kept outputs are reduced in numpy (`GroupedReduction`). This default
-        goes through `reduce` and is right for any rule; rules override it with the same arithmetic in numpy."""
+        goes through `reduce` and is right for any rule; rules override it with the same arithmetic in numpy where
+        numpy's rounding does not matter (see `mahalanobis-spread`'s, where it does)."""
         return host(self.reduce(name, torch.from_numpy(output)))
 
     def reduction_key(self, name: str) -> Hashable:
